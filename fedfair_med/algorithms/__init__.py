@@ -1,0 +1,25 @@
+"""Federated methods, one module each; :data:`REGISTRY` maps a method's name to its class.
+
+Adding a method is one module with an :class:`~fedfair_med.algorithms.base.Algorithm` subclass
+and one line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedfair_med.algorithms.base import Algorithm
+from fedfair_med.algorithms.fedavg import FedAvg
+
+REGISTRY: dict[str, type[Algorithm]] = {
+    "fedavg": FedAvg,
+}
+
+
+def build_algorithm(name: str, **params: Any) -> Algorithm:
+    """Instantiate a method by registry name, with a clear error for unknown names."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}") from None
+    return cls(**params)

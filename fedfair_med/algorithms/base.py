@@ -1,0 +1,281 @@
+"""The two hooks every federated method implements, and the local training loop they share.
+
+A method says *what* a site computes on its own data (the client hook, :meth:`Algorithm.client_update`)
+and *how* the server combines what sites send (the server hook, :meth:`Algorithm.aggregate`).
+Runtimes (in-process, OpenFL) decide *where* that happens and never reach inside a method.
+
+Everything that crosses the wire is a ``dict[str, torch.Tensor]``: the model's floating-point
+state, plus small named tensors a method adds (``extras``) such as FlexFair's per-group sums and
+counts, FedNova's normaliser or SCAFFOLD's control-variate delta. Per-sample values never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class Objective:
+    """The task-specific pieces of a site's local loss, supplied by the task.
+
+    ``task_loss(logits, batch)`` is the mean task loss of a batch; ``sample_risk(logits, batch)``
+    is the per-sample risk FlexFair and FairFed average per group (Dice loss or CE for equal
+    accuracy, P(y=1) for demographic parity / equal opportunity); ``risk_mask(batch)`` says which
+    samples count toward that risk (all, or y = 1 only for equal opportunity).
+    """
+
+    task_loss: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
+    sample_risk: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
+    risk_mask: Callable[[Mapping[str, Any]], torch.Tensor] = lambda batch: torch.ones(
+        len(batch["group"]), dtype=torch.bool
+    )
+
+
+@dataclass
+class LocalSettings:
+    """Hyper-parameters of one site's local training; identical across runtimes."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_steps: int | None = None  # cap on optimiser steps per round (None: full epochs)
+
+
+@dataclass
+class SiteContext:
+    """What a site holds for one round: its name, data and the round's settings."""
+
+    site: str
+    site_index: int
+    loader: Iterable[Mapping[str, Any]]
+    objective: Objective
+    settings: LocalSettings
+    round: int
+    num_groups: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class ClientUpdate:
+    """What a site sends back: new weights, its sample count and fixed-size extras."""
+
+    state: StateDict
+    num_samples: int
+    extras: StateDict = field(default_factory=dict)
+
+
+def float_state(model: nn.Module) -> StateDict:
+    """Detached copy of a model's state (all buffers, so BatchNorm statistics travel too)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def weighted_average(states: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
+    """Σ_s w_s θ_s over sites, in sorted site order so every runtime adds in the same order.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first site's value.
+    """
+    sites = sorted(states)
+    total = float(sum(weights[s] for s in sites))
+    out: StateDict = {}
+    for name, first in states[sites[0]].items():
+        if not torch.is_floating_point(first):
+            out[name] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for s in sites:
+            acc += (weights[s] / total) * states[s][name].to(torch.float64)
+        out[name] = acc.to(first.dtype)
+    return out
+
+
+class Algorithm:
+    """Base class: FedAvg's behaviour, with small hooks the other methods override.
+
+    Client side (runs at a site, sees only that site's data):
+      * :meth:`on_round_start` — take the broadcast (global statistics, control variates);
+      * :meth:`prepare_model` / :meth:`finish_model` — change the local architecture and undo it;
+      * :meth:`extra_loss` — add a term to each batch's loss;
+      * :meth:`after_backward` — correct gradients before the optimiser step;
+      * :meth:`observe_batch` — accumulate fixed-size statistics to report;
+      * :meth:`client_extras` — the extras sent with the update.
+    Server side: :meth:`init_server_state`, :meth:`broadcast`, :meth:`aggregate`.
+    """
+
+    name = "base"
+    #: Local optimiser this method requires, or None to use the task's default.
+    required_optimizer: str | None = None
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.param_defaults())
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown parameter(s) {sorted(unknown)}; "
+                f"known: {sorted(self.param_defaults())}"
+            )
+        self.params = {**self.param_defaults(), **params}
+        self.validate_params()
+
+    # ---- parameters -------------------------------------------------------------------------
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        return {}
+
+    def validate_params(self) -> None:
+        """Raise ValueError with a clear message for out-of-range hyper-parameters."""
+
+    # ---- server hooks -----------------------------------------------------------------------
+    def init_server_state(self, global_state: StateDict, sites: list[str]) -> StateDict:
+        """State the server keeps between rounds (tensors only, so OpenFL can store it)."""
+        return {}
+
+    def broadcast(self, server_state: StateDict, site: str) -> StateDict:
+        """Small tensors sent to ``site`` with the global model at the start of a round."""
+        return {}
+
+    def aggregation_weights(
+        self, updates: Mapping[str, ClientUpdate], server_state: StateDict
+    ) -> dict[str, float]:
+        """FedAvg weights n_s / N; methods that reweight sites override this."""
+        return {s: float(u.num_samples) for s, u in updates.items()}
+
+    def aggregate(
+        self,
+        global_state: StateDict,
+        updates: Mapping[str, ClientUpdate],
+        server_state: StateDict,
+    ) -> tuple[StateDict, StateDict]:
+        """Combine site updates into the next global model and server state."""
+        weights = self.aggregation_weights(updates, server_state)
+        new_state = weighted_average({s: u.state for s, u in updates.items()}, weights)
+        return new_state, self.update_server_state(server_state, updates, weights)
+
+    def update_server_state(
+        self,
+        server_state: StateDict,
+        updates: Mapping[str, ClientUpdate],
+        weights: Mapping[str, float],
+    ) -> StateDict:
+        return server_state
+
+    # ---- client hooks -----------------------------------------------------------------------
+    def on_round_start(
+        self, ctx: SiteContext, model: nn.Module, broadcast: StateDict, site_state: StateDict
+    ) -> None:
+        """Called at a site before local training with the server's broadcast."""
+
+    def prepare_model(self, model: nn.Module, ctx: SiteContext) -> nn.Module:
+        return model
+
+    def finish_model(self, model: nn.Module, ctx: SiteContext) -> nn.Module:
+        return model
+
+    def extra_loss(
+        self, model: nn.Module, batch: Mapping[str, Any], logits: torch.Tensor, ctx: SiteContext
+    ) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module, ctx: SiteContext) -> None:
+        pass
+
+    def observe_batch(
+        self, batch: Mapping[str, Any], logits: torch.Tensor, ctx: SiteContext
+    ) -> None:
+        pass
+
+    def client_extras(
+        self, ctx: SiteContext, start_state: StateDict, model: nn.Module, steps: int, site_state: StateDict
+    ) -> StateDict:
+        """Fixed-size tensors sent with the update; may also update ``site_state`` in place."""
+        return {}
+
+    # ---- the local loop (shared, not overridden) --------------------------------------------
+    def make_optimizer(self, model: nn.Module, settings: LocalSettings) -> torch.optim.Optimizer:
+        kind = self.required_optimizer or settings.optimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        if kind == "sgd":
+            return torch.optim.SGD(
+                params, lr=settings.lr, momentum=self.local_momentum(settings),
+                weight_decay=settings.weight_decay,
+            )
+        if kind == "adam":
+            return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        raise ValueError(f"unknown optimizer {kind!r}: use 'adam' or 'sgd'")
+
+    def local_momentum(self, settings: LocalSettings) -> float:
+        return settings.momentum
+
+    def client_update(
+        self,
+        ctx: SiteContext,
+        model: nn.Module,
+        global_state: StateDict,
+        broadcast: StateDict,
+        site_state: StateDict,
+        progress: Callable[[int], None] | None = None,
+    ) -> ClientUpdate:
+        """Train ``model`` (loaded with ``global_state``) on the site's data; return the update.
+
+        ``site_state`` is the site's private memory between rounds (e.g. SCAFFOLD's c_i); it is
+        changed in place and never sent.
+        """
+        model.load_state_dict(global_state)
+        model.to(ctx.device)
+        self.on_round_start(ctx, model, broadcast, site_state)
+        work_model = self.prepare_model(model, ctx)
+        work_model.train()
+        optimizer = self.make_optimizer(work_model, ctx.settings)
+        start_state = {k: v.detach().clone() for k, v in global_state.items()}
+        steps, seen = 0, 0
+        done = False
+        for _epoch in range(ctx.settings.epochs):
+            for batch in ctx.loader:
+                batch = move_batch(batch, ctx.device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = work_model(batch["image"])
+                loss = ctx.objective.task_loss(logits, batch)
+                extra = self.extra_loss(work_model, batch, logits, ctx)
+                if extra is not None:
+                    loss = loss + extra
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"site {ctx.site}: loss became {loss.item()} at round {ctx.round}, "
+                        f"step {steps}; lower the learning rate or the penalty weight"
+                    )
+                loss.backward()
+                self.after_backward(work_model, ctx)
+                optimizer.step()
+                self.observe_batch(batch, logits.detach(), ctx)
+                steps += 1
+                seen += int(batch["image"].shape[0])
+                if progress is not None:
+                    progress(1)
+                if ctx.settings.max_steps is not None and steps >= ctx.settings.max_steps:
+                    done = True
+                    break
+            if done:
+                break
+        model = self.finish_model(work_model, ctx)
+        extras = self.client_extras(ctx, start_state, model, steps, site_state)
+        extras.setdefault("steps", torch.tensor(float(steps)))
+        return ClientUpdate(state=float_state(model), num_samples=num_examples(ctx.loader), extras=extras)
+
+
+def num_examples(loader: Iterable[Mapping[str, Any]]) -> int:
+    """Number of training examples behind a loader (the FedAvg weight n_s)."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        return len(dataset)
+    return sum(int(b["image"].shape[0]) for b in loader)
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+

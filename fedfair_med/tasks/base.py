@@ -1,0 +1,128 @@
+"""What a clinical task declares, in one place: network, loss, risk, metric and defaults.
+
+Every task module (``synthetic``, ``polyp``, ``fundus``, ``mri``, ``skin``) exposes one
+:class:`Task` subclass with the same members, so runtimes and methods never special-case a task.
+Segmentation tasks output one foreground logit per pixel (B, 1, ...); classification tasks output
+two class logits (B, 2), class 1 being the positive (e.g. malignant) class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedfair_med.algorithms.base import Objective
+from fedfair_med.fairness.criteria import Criterion
+
+SEGMENTATION = "segmentation"
+CLASSIFICATION = "classification"
+
+
+@dataclass
+class TaskDefaults:
+    """CPU-sized defaults; every one can be overridden in a run configuration."""
+
+    network: str
+    image_size: tuple[int, ...]
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    epochs: int = 1
+    rounds: int = 10
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-image soft Dice loss 1 − (2Σpy + ε)/(Σp + Σy + ε) on sigmoid probabilities, shape (B,)."""
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1).to(prob.dtype)
+    inter = (prob * target).sum(1)
+    return 1.0 - (2.0 * inter + eps) / (prob.sum(1) + target.sum(1) + eps)
+
+
+def hard_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-image Dice of the thresholded prediction, shape (B,); 1 when both masks are empty."""
+    pred = (torch.sigmoid(logits) > threshold).flatten(1).to(torch.float64)
+    target = (target.flatten(1) > 0.5).to(torch.float64)
+    inter = (pred * target).sum(1)
+    denom = pred.sum(1) + target.sum(1)
+    return torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1e-12), torch.ones_like(denom))
+
+
+class Task:
+    """Base class; subclasses set ``name``, ``kind``, ``defaults`` and implement data loading."""
+
+    name = "task"
+    kind = SEGMENTATION
+    defaults: TaskDefaults
+    in_channels = 3
+
+    @property
+    def primary_metric(self) -> str:
+        return "dice" if self.kind == SEGMENTATION else "accuracy"
+
+    # ---- model ---------------------------------------------------------------------------
+    def build_model(self, network: str | None = None, **kwargs: Any) -> nn.Module:
+        from fedfair_med.models import build_network
+
+        out = 1 if self.kind == SEGMENTATION else 2
+        name = network or self.defaults.network
+        merged = {**self.defaults.network_kwargs, **kwargs} if name == self.defaults.network else kwargs
+        return build_network(
+            name, in_channels=self.in_channels, out_channels=out,
+            spatial_dims=len(self.defaults.image_size), **merged,
+        )
+
+    # ---- losses and risks ------------------------------------------------------------------
+    def sample_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-sample loss (B,): soft Dice loss, or cross-entropy."""
+        if self.kind == SEGMENTATION:
+            return soft_dice_loss(logits, batch["label"])
+        return F.cross_entropy(logits, batch["label"].long(), reduction="none")
+
+    def task_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Mean training loss: Dice + BCE for segmentation, CE for classification."""
+        if self.kind == SEGMENTATION:
+            bce = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
+            return soft_dice_loss(logits, batch["label"]).mean() + bce
+        return self.sample_loss(logits, batch).mean()
+
+    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(y=1|x) per sample (B,): softmax of class 1, or mean foreground probability."""
+        if self.kind == SEGMENTATION:
+            return torch.sigmoid(logits).flatten(1).mean(1)
+        return torch.softmax(logits, dim=1)[:, 1]
+
+    def sample_metric(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-sample primary metric (B,): hard Dice, or 1.0 for a correct prediction."""
+        if self.kind == SEGMENTATION:
+            return hard_dice(logits, batch["label"])
+        return (logits.argmax(1) == batch["label"].long()).to(torch.float64)
+
+    def objective(self, criterion: Criterion) -> Objective:
+        """The local objective pieces for a fairness criterion (see :class:`Objective`)."""
+        if criterion.uses_task_loss:
+            risk = self.sample_loss
+        else:
+            def risk(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+                return self.positive_probability(logits)
+
+        if criterion.positive_only:
+            def mask(batch: Mapping[str, Any]) -> torch.Tensor:
+                return self.positive_label(batch)
+        else:
+            def mask(batch: Mapping[str, Any]) -> torch.Tensor:
+                return torch.ones(len(batch["group"]), dtype=torch.bool, device=batch["group"].device)
+
+        return Objective(task_loss=self.task_loss, sample_risk=risk, risk_mask=mask)
+
+    def positive_label(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """y = 1 per sample: the class label, or 'the mask has foreground' for segmentation."""
+        label = batch["label"]
+        if self.kind == SEGMENTATION:
+            return label.flatten(1).amax(1) > 0.5
+        return label.long() == 1
