@@ -165,6 +165,25 @@ class Algorithm:
     ) -> StateDict:
         return server_state
 
+    # ---- optional statistics pass (forward only, before local training) ----------------------
+    def wants_statistics(self, round_index: int, server_state: StateDict) -> bool:
+        """True when sites must first report aggregate statistics of the *global* model.
+
+        The runtime then calls :meth:`client_statistics` at every site and
+        :meth:`absorb_statistics` at the server before the training round starts.
+        """
+        return False
+
+    def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:
+        """Fixed-size statistics of the global ``model`` on the site's training data."""
+        return {}
+
+    def absorb_statistics(
+        self, server_state: StateDict, statistics: Mapping[str, StateDict]
+    ) -> StateDict:
+        """Fold every site's statistics into the server state (e.g. FlexFair's coefficients)."""
+        return server_state
+
     # ---- client hooks -----------------------------------------------------------------------
     def on_round_start(
         self, ctx: SiteContext, model: nn.Module, broadcast: StateDict, site_state: StateDict
