@@ -10,9 +10,11 @@ from typing import Any
 
 from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.fedavg import FedAvg
+from fedfair_med.algorithms.flexfair import FlexFair
 
 REGISTRY: dict[str, type[Algorithm]] = {
     "fedavg": FedAvg,
+    "flexfair": FlexFair,
 }
 
 

@@ -252,7 +252,7 @@ class Algorithm:
         work_model.train()
         optimizer = self.make_optimizer(work_model, ctx.settings)
         start_state = {k: v.detach().clone() for k, v in global_state.items()}
-        steps, seen = 0, 0
+        steps, loss_sum = 0, 0.0
         done = False
         for _epoch in range(ctx.settings.epochs):
             for batch in ctx.loader:
@@ -273,7 +273,7 @@ class Algorithm:
                 optimizer.step()
                 self.observe_batch(batch, logits.detach(), ctx)
                 steps += 1
-                seen += int(batch["image"].shape[0])
+                loss_sum += float(loss.detach())
                 if progress is not None:
                     progress(1)
                 if ctx.settings.max_steps is not None and steps >= ctx.settings.max_steps:
@@ -284,6 +284,7 @@ class Algorithm:
         model = self.finish_model(work_model, ctx)
         extras = self.client_extras(ctx, start_state, model, steps, site_state)
         extras.setdefault("steps", torch.tensor(float(steps)))
+        extras.setdefault("loss", torch.tensor(loss_sum / max(steps, 1)))
         return ClientUpdate(state=float_state(model), num_samples=num_examples(ctx.loader), extras=extras)
 
 

@@ -1,0 +1,67 @@
+"""The run-directory contract every runtime writes, so reports and sweeps read one format.
+
+``run.yaml`` (resolved configuration), ``metrics.jsonl`` (one JSON object per round),
+``predictions.csv`` (per test sample; only in simulations — in a federation it stays at each
+site), ``report.json`` / ``report.md`` / ``report.html`` and ``model.pt`` (final global weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+
+from fedfair_med.config import RunConfig, dump_config
+
+RUN_FILES = ("run.yaml", "metrics.jsonl", "report.json", "model.pt")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, tensors become numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _clean(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDirectory:
+    """Writes one run's files; creating it truncates a previous ``metrics.jsonl``."""
+
+    def __init__(self, path: Path, config: RunConfig) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        dump_config(config, self.path / "run.yaml")
+        (self.path / "metrics.jsonl").write_text("")
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(_clean(dict(record)), sort_keys=False) + "\n")
+
+    def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
+        target = self.path / "model.pt"
+        torch.save(dict(state), target)
+        return target
+
+    def save_predictions(self, predictions: pd.DataFrame) -> Path:
+        target = self.path / "predictions.csv"
+        predictions.to_csv(target, index=False)
+        return target
+
+    def write_json(self, name: str, content: Mapping[str, Any]) -> Path:
+        target = self.path / name
+        target.write_text(json.dumps(_clean(dict(content)), indent=2))
+        return target
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

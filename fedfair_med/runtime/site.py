@@ -1,0 +1,141 @@
+"""What one hospital does in a round, identical in every runtime.
+
+:class:`SiteRunner` owns one site's data and private state. The in-process runtime holds one per
+site; an OpenFL collaborator holds exactly one. Both seed the same way (:func:`derive_seed`), so
+the same configuration gives the same numbers wherever it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from fedfair_med.algorithms.base import (
+    Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, move_batch,
+)
+from fedfair_med.config import RunConfig
+from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
+from fedfair_med.fairness.aggregate import site_summary
+from fedfair_med.fairness.criteria import Criterion
+from fedfair_med.tasks.base import Task
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A configuration with the task's defaults filled in."""
+
+    rounds: int
+    batch_size: int
+    settings: LocalSettings
+
+
+def resolve(config: RunConfig, task: Task) -> Resolved:
+    d = task.defaults
+    settings = LocalSettings(
+        epochs=config.epochs or d.epochs,
+        lr=float(config.lr or d.lr),
+        optimizer=config.optimizer or d.optimizer,
+        max_steps=config.max_steps,
+    )
+    return Resolved(rounds=config.rounds or d.rounds, batch_size=config.batch_size or d.batch_size,
+                    settings=settings)
+
+
+def build_global_model(config: RunConfig, task: Task) -> nn.Module:
+    """The round-0 model: seeded so every runtime starts from the same weights."""
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    return task.build_model(config.network, **config.network_kwargs)
+
+
+class SiteRunner:
+    """One site's training, statistics and evaluation; its data never leaves this object."""
+
+    def __init__(self, task: Task, site: SiteData, site_index: int, config: RunConfig,
+                 vocabulary: list[str], attributes: tuple[str, ...]) -> None:
+        self.task, self.site, self.site_index, self.config = task, site, site_index, config
+        self.criterion = Criterion(config.criterion, config.attribute)
+        self.objective = task.objective(self.criterion)
+        self.resolved = resolve(config, task)
+        self.num_groups = len(vocabulary)
+        self.attributes = attributes
+        self.train_set = GroupedDataset(site.train, config.attribute, vocabulary)
+        self.test_set = GroupedDataset(site.test, config.attribute, vocabulary)
+        self.private_state: StateDict = {}
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    def steps_per_round(self) -> int:
+        per_epoch = -(-len(self.train_set) // self.resolved.batch_size)
+        steps = per_epoch * self.resolved.settings.epochs
+        cap = self.resolved.settings.max_steps
+        return min(steps, cap) if cap else steps
+
+    def _context(self, round_index: int, shuffle: bool) -> SiteContext:
+        seed = derive_seed(self.config.seed, round_index, self.site_index)
+        torch.manual_seed(seed)
+        loader = make_loader(self.train_set, self.resolved.batch_size, shuffle=shuffle, seed=seed)
+        return SiteContext(site=self.name, site_index=self.site_index, loader=loader,
+                           objective=self.objective, settings=self.resolved.settings,
+                           round=round_index, num_groups=self.num_groups)
+
+    def statistics(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
+                   round_index: int) -> StateDict:
+        """Forward-only aggregate statistics of the global model (fixed-size tensors)."""
+        model.load_state_dict(global_state)
+        model.eval()
+        with torch.no_grad():
+            return algorithm.client_statistics(self._context(round_index, shuffle=False), model)
+
+    def train(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
+              broadcast: StateDict, round_index: int,
+              progress: Callable[[int], None] | None = None) -> ClientUpdate:
+        ctx = self._context(round_index, shuffle=True)
+        return algorithm.client_update(ctx, model, global_state, broadcast, self.private_state,
+                                       progress=progress)
+
+    def predict(self, model: nn.Module, global_state: StateDict) -> pd.DataFrame:
+        """Per-sample test predictions — they stay at the site (only summaries travel)."""
+        model.load_state_dict(global_state)
+        model.eval()
+        loader = make_loader(self.test_set, self.resolved.batch_size, shuffle=False, seed=0)
+        rows: list[dict[str, Any]] = []
+        with torch.no_grad():
+            for batch in loader:
+                batch = move_batch(batch, torch.device("cpu"))
+                logits = model(batch["image"])
+                metric = self.task.sample_metric(logits, batch)
+                score = self.task.positive_probability(logits).to(torch.float64)
+                y_true = self.task.positive_label(batch).to(torch.int64)
+                for i in range(len(batch["id"])):
+                    row = {"id": batch["id"][i], "site": self.name}
+                    for a in self.attributes:
+                        value = batch.get(a)
+                        row[a] = _item(value[i]) if value is not None else ""
+                    row.update(y_true=int(y_true[i]), score=float(score[i]),
+                               y_pred=int(score[i] >= 0.5), metric=float(metric[i]))
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    def evaluate(self, model: nn.Module, global_state: StateDict) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Predictions (kept here) and their aggregate summary (the part that may travel)."""
+        predictions = self.predict(model, global_state)
+        return predictions, site_summary(predictions, ("site", *self.attributes))
+
+
+def _item(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
