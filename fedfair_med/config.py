@@ -34,6 +34,7 @@ class RunConfig:
     epochs: int | None = None
     lr: float | None = None
     optimizer: str | None = None
+    momentum: float | None = None
     batch_size: int | None = None
     max_steps: int | None = None
     network: str | None = None
@@ -62,6 +63,8 @@ class RunConfig:
                 problems.append(f"{key}: must be a positive integer, got {value!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             problems.append(f"lr: must be a positive number, got {self.lr!r}")
+        if self.momentum is not None and not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            problems.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if self.optimizer is not None and self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer: use 'adam' or 'sgd', got {self.optimizer!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -13,7 +13,9 @@ it forms R_k, R̄ and one coefficient per group c_k = N g_k / N_k, and broadcast
 expected gradients to exactly λ∇P. Statistics are either *fresh* (a forward-only pass of the
 global model over the training data before each round — the exact gradient, at the cost of one
 extra forward pass) or *carried* (accumulated during the previous round's training, no extra
-pass; the first round does one fresh pass). Sites send 2K numbers per round.
+pass; the first round trains on the task loss alone, as there are no statistics yet).
+Carried statistics need no extra exchange, so they run unchanged over OpenFL. Sites send 2K
+numbers per round.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class FlexFair(Algorithm):
         return {}
 
     def wants_statistics(self, round_index: int, server_state: StateDict) -> bool:
-        return self.params["statistics"] == "fresh" or COEF not in server_state
+        return self.params["statistics"] == "fresh"
 
     def _with_coefficients(self, server_state: StateDict, stats: GroupStatistics,
                            total: float) -> StateDict:

@@ -37,7 +37,7 @@ class SiteStyle:
 SEGMENTATION_SITES = (
     SiteStyle("site-a", 48, 24, contrast=1.0, brightness=0.0, noise=0.10, thickness=1.0),
     SiteStyle("site-b", 48, 24, contrast=0.8, brightness=0.25, noise=0.15, thickness=1.0),
-    SiteStyle("site-c", 16, 24, contrast=0.45, brightness=-0.1, noise=0.22, thickness=0.7),
+    SiteStyle("site-c", 24, 24, contrast=-0.6, brightness=0.2, noise=0.12, thickness=0.8),
 )
 
 

@@ -46,6 +46,7 @@ def resolve(config: RunConfig, task: Task) -> Resolved:
         epochs=config.epochs or d.epochs,
         lr=float(config.lr or d.lr),
         optimizer=config.optimizer or d.optimizer,
+        momentum=d.momentum if config.momentum is None else config.momentum,
         max_steps=config.max_steps,
     )
     return Resolved(rounds=config.rounds or d.rounds, batch_size=config.batch_size or d.batch_size,

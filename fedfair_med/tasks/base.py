@@ -31,6 +31,7 @@ class TaskDefaults:
     batch_size: int = 8
     lr: float = 1e-3
     optimizer: str = "adam"
+    momentum: float = 0.0
     epochs: int = 1
     rounds: int = 10
     network_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -13,8 +13,8 @@ class SyntheticSegmentation(Task):
     name = "synthetic-seg"
     kind = SEGMENTATION
     in_channels = 1
-    defaults = TaskDefaults(network="unet", image_size=(32, 32), batch_size=8, lr=3e-3,
-                            rounds=8, network_kwargs={"channels": (8, 16, 32)})
+    defaults = TaskDefaults(network="unet", image_size=(32, 32), batch_size=8, lr=0.05,
+                            optimizer="sgd", momentum=0.9, rounds=20, network_kwargs={"channels": (8, 16, 32)})
 
     def load_federation(self, seed: int = 0, **options: Any) -> Federation:
         return synthetic_segmentation(seed=seed, **options)
