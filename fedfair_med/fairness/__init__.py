@@ -1,0 +1,26 @@
+"""Fairness maths: gap metrics (EA, DP, EO), per-group tables with CIs, and the FlexFair penalty.
+
+The penalty lives in :mod:`fedfair_med.fairness.penalty` and criteria in
+:mod:`fedfair_med.fairness.criteria`; the evaluation-side helpers are re-exported here.
+"""
+
+from fedfair_med.fairness.metrics import (
+    demographic_parity_gap,
+    equal_accuracy_gap,
+    equal_opportunity_gap,
+    group_means,
+    is_missing,
+)
+from fedfair_med.fairness.tables import age_bands, bootstrap_ci, group_table, intersect
+
+__all__ = [
+    "age_bands",
+    "bootstrap_ci",
+    "demographic_parity_gap",
+    "equal_accuracy_gap",
+    "equal_opportunity_gap",
+    "group_means",
+    "group_table",
+    "intersect",
+    "is_missing",
+]

@@ -1,0 +1,195 @@
+r"""Fairness gaps of a trained model, as defined in the FlexFair paper (Jiang et al.).
+
+Each gap is the largest absolute distance between a group's mean and the pooled mean:
+
+.. math::
+
+    \mathrm{EA} = \max_k \big|\,\mathbb{E}[m \mid A = k] - \mathbb{E}[m]\,\big|
+
+    \mathrm{DP} = \max_k \big|\,\mathbb{E}[s \mid A = k] - \mathbb{E}[s]\,\big|
+
+    \mathrm{EO} = \max_k \big|\,\mathbb{E}[s \mid A = k, Y = 1] - \mathbb{E}[s \mid Y = 1]\,\big|
+
+where *m* is a per-sample metric (per-image Dice, or 1/0 correctness), *s* is the positive-class
+probability P(ŷ = 1 | x) (or, with ``threshold``, the decision 1[score ≥ threshold]) and the
+expectations are sample means. Because the pooled mean weights every sample equally, a site's
+term is the mean per-image Dice over that site's images, not a mean of site means.
+
+Missing sensitive values (``""``, ``None`` or NaN) are left out of both the group terms *and*
+the pooled mean, so the gap compares like with like: the groups partition exactly the samples
+the pooled mean is taken over.
+
+Signatures follow fairlearn (keyword-only ``sensitive_features``); for the thresholded forms the
+values equal ``MetricFrame(...).difference(method="to_overall")`` with ``selection_rate`` (DP)
+and ``true_positive_rate`` (EO).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable
+
+import numpy as np
+
+__all__ = [
+    "is_missing",
+    "group_means",
+    "equal_accuracy_gap",
+    "demographic_parity_gap",
+    "equal_opportunity_gap",
+]
+
+
+def _as_array(values: Any, name: str) -> np.ndarray:
+    """A 1-D numpy array from a list, numpy array, pandas Series or torch tensor."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # torch.Tensor without importing torch
+        values = values.detach().cpu().numpy()
+    elif hasattr(values, "to_numpy"):  # pandas Series / Index / single-column frame
+        values = values.to_numpy()
+    array = np.asarray(values)
+    if array.ndim == 0:
+        raise ValueError(f"{name} must be a 1-D sequence, got a scalar")
+    if array.ndim > 1:
+        if array.ndim == 2 and 1 in array.shape:
+            array = array.reshape(-1)
+        else:
+            raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    return array
+
+
+def _as_float_array(values: Any, name: str) -> np.ndarray:
+    array = _as_array(values, name)
+    try:
+        out = array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numeric") from None
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return out
+
+
+def is_missing(value: Any) -> bool:
+    """True for the package's 'unknown attribute' markers: ``""``, ``None``, NaN, pandas NA."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip() == ""
+    if isinstance(value, float):
+        return math.isnan(value)
+    try:
+        import pandas as pd
+
+        missing = pd.isna(value)
+        return bool(missing) if np.ndim(missing) == 0 else False
+    except (TypeError, ValueError):
+        return False
+
+
+def _group_keys(sensitive_features: Any, n: int) -> tuple[list[Hashable], np.ndarray]:
+    """Plain-Python group labels and the mask of samples whose label is known."""
+    features = _as_array(sensitive_features, "sensitive_features")
+    if len(features) != n:
+        raise ValueError(
+            f"length mismatch: {n} values but {len(features)} sensitive_features"
+        )
+    keys = [f.item() if isinstance(f, np.generic) else f for f in features.tolist()]
+    known = np.fromiter((not is_missing(k) for k in keys), dtype=bool, count=len(keys))
+    return keys, known
+
+
+def group_means(values: Any, *, sensitive_features: Any) -> dict[Hashable, tuple[int, float]]:
+    """{group: (n_k, mean of values over group k)}, in sorted group order.
+
+    Samples with a missing sensitive feature belong to no group. Raises ValueError on empty
+    input or a length mismatch.
+    """
+    v = _as_float_array(values, "values")
+    if len(v) == 0:
+        raise ValueError("values is empty")
+    keys, known = _group_keys(sensitive_features, len(v))
+    sums: dict[Hashable, float] = {}
+    counts: dict[Hashable, int] = {}
+    for key, value, ok in zip(keys, v.tolist(), known.tolist()):
+        if not ok:
+            continue
+        sums[key] = sums.get(key, 0.0) + value
+        counts[key] = counts.get(key, 0) + 1
+    try:
+        order = sorted(counts)
+    except TypeError:  # mixed label types: fall back to their text
+        order = sorted(counts, key=str)
+    return {k: (counts[k], sums[k] / counts[k]) for k in order}
+
+
+def _max_gap_to_pooled(values: np.ndarray, sensitive_features: Any) -> float:
+    """max_k |mean(values | k) − mean(values over samples with a known group)|."""
+    if len(values) == 0:
+        raise ValueError("input is empty: no samples to compute a gap over")
+    keys, known = _group_keys(sensitive_features, len(values))
+    if not known.any():
+        raise ValueError("every sample has a missing sensitive feature; no groups to compare")
+    pooled = float(values[known].mean())
+    groups = group_means(values, sensitive_features=sensitive_features)
+    return float(max(abs(mean - pooled) for _, mean in groups.values()))
+
+
+def equal_accuracy_gap(metric: Any, *, sensitive_features: Any) -> float:
+    r"""Equal-accuracy gap EA = max_k |mean(m | A = k) − mean(m)|.
+
+    ``metric`` holds one value per sample (per-image Dice, or 1/0 correctness), so the per-site
+    term is the mean over that site's samples and the pooled mean is over all samples.
+    """
+    return _max_gap_to_pooled(_as_float_array(metric, "metric"), sensitive_features)
+
+
+def _scores(y_true: Any, y_pred: Any, threshold: float | None) -> tuple[np.ndarray | None, np.ndarray]:
+    scores = _as_float_array(y_pred, "y_pred")
+    if len(scores) == 0:
+        raise ValueError("y_pred is empty")
+    truth = None
+    if y_true is not None:
+        truth = _as_array(y_true, "y_true")
+        if len(truth) != len(scores):
+            raise ValueError(f"length mismatch: {len(truth)} y_true but {len(scores)} y_pred")
+    if threshold is not None:
+        scores = (scores >= float(threshold)).astype(np.float64)
+    return truth, scores
+
+
+def demographic_parity_gap(
+    y_true: Any, y_pred: Any, *, sensitive_features: Any, threshold: float | None = None
+) -> float:
+    r"""Demographic-parity gap DP = max_k |E[s | A = k] − E[s]|.
+
+    ``y_pred`` are scores P(y = 1 | x) and s is the score itself (FlexFair's form); with
+    ``threshold``, s = 1[y_pred ≥ threshold], i.e. the gap in P(ŷ = 1). ``y_true`` is accepted
+    for fairlearn symmetry and ignored (only its length is checked).
+    """
+    _, s = _scores(y_true, y_pred, threshold)
+    return _max_gap_to_pooled(s, sensitive_features)
+
+
+def equal_opportunity_gap(
+    y_true: Any,
+    y_pred: Any,
+    *,
+    sensitive_features: Any,
+    threshold: float | None = None,
+    pos_label: Any = 1,
+) -> float:
+    r"""Equal-opportunity gap EO = max_k |E[s | A = k, Y = 1] − E[s | Y = 1]|.
+
+    The demographic-parity gap restricted to the truly positive samples; with ``threshold`` it
+    is the largest difference of a group's true-positive rate from the pooled one. Raises
+    ValueError when no sample has ``y_true == pos_label``.
+    """
+    if y_true is None:
+        raise ValueError("equal_opportunity_gap needs y_true")
+    truth, s = _scores(y_true, y_pred, threshold)
+    features = _as_array(sensitive_features, "sensitive_features")
+    if len(features) != len(s):
+        raise ValueError(f"length mismatch: {len(s)} y_pred but {len(features)} sensitive_features")
+    positive = np.asarray(truth == pos_label, dtype=bool)
+    if not positive.any():
+        raise ValueError(f"no sample has y_true == {pos_label!r}; equal opportunity is undefined")
+    return _max_gap_to_pooled(s[positive], features[positive])

@@ -1,0 +1,251 @@
+"""The fairness audit of one run: per-group metrics with CIs, fairness gaps and warnings.
+
+:func:`build_report` turns the per-sample ``predictions.csv`` of a run (one row per test image:
+id, site, sensitive attributes, y_true, score, y_pred, metric) into the JSON-ready dict stored as
+``report.json``. Every number in it is a sample mean, so the report can be recomputed by anyone
+holding the predictions; NaN is written as ``null`` so the file is strict JSON.
+
+Groups are sites, every sensitive attribute (a numeric ``age`` column is banded into
+``age_band``, never grouped raw) and, optionally, each pair of attributes ("sex×age_band").
+Gaps: ``ea`` over sites always; ``dp:<attr>`` and ``eo:<attr>`` over each attribute for
+classification, using the positive-class score as in FlexFair (see
+:mod:`fedfair_med.fairness.metrics`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from fedfair_med.data.federation import MISSING
+from fedfair_med.fairness.metrics import (
+    demographic_parity_gap,
+    equal_accuracy_gap,
+    equal_opportunity_gap,
+    is_missing,
+)
+from fedfair_med.fairness.tables import age_bands, bootstrap_ci, group_table, intersect
+
+__all__ = ["build_report", "KINDS", "CORE_COLUMNS", "INTERSECTION_SEPARATOR", "gap_definition"]
+
+KINDS = ("segmentation", "classification")
+#: Columns of predictions.csv that are not sensitive attributes.
+CORE_COLUMNS = ("id", "site", "y_true", "score", "y_pred", "metric")
+INTERSECTION_SEPARATOR = "×"
+#: A numeric attribute with more distinct values than this is not a grouping (it would give one
+#: group per value); ``age`` is banded instead, anything else is skipped with a warning.
+MAX_NUMERIC_GROUPS = 20
+
+
+def gap_definition(name: str, primary_metric: str = "metric") -> str:
+    """One-line formula for a gap key such as ``ea``, ``dp:sex`` or ``eo:age_band``."""
+    if name == "ea":
+        return (f"EA = max over sites k of |mean({primary_metric} | site=k) - mean({primary_metric})|"
+                " (means over test samples)")
+    kind, _, attribute = name.partition(":")
+    if kind == "dp":
+        return (f"DP = max over groups k of |E[score | {attribute}=k] - E[score]|,"
+                " score = P(y=1|x)")
+    if kind == "eo":
+        return (f"EO = max over groups k of |E[score | {attribute}=k, y=1] - E[score | y=1]|,"
+                " score = P(y=1|x)")
+    raise ValueError(f"unknown gap {name!r}")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _labels(column: pd.Series) -> list[str]:
+    """Attribute values as text, '' for missing; whole-number floats lose their '.0'."""
+    out = []
+    for v in column.tolist():
+        if is_missing(v):
+            out.append(MISSING)
+        elif isinstance(v, float) and v.is_integer():
+            out.append(str(int(v)))
+        else:
+            out.append(str(v).strip())
+    return out
+
+
+def _grouping_columns(
+    predictions: pd.DataFrame, attributes: Sequence[str], age_edges: Sequence[float],
+    warnings: list[str],
+) -> dict[str, list[str]]:
+    """{attribute name: per-sample label} for every attribute that defines groups."""
+    out: dict[str, list[str]] = {}
+    for attribute in attributes:
+        if attribute == "site" or attribute in out:
+            continue
+        if attribute in ("age", "age_band") and "age" in predictions.columns:
+            # Re-band from raw ages so the caller's edges win over a stored age_band column.
+            if "age_band" not in out:
+                out["age_band"] = age_bands(predictions["age"], age_edges)
+            continue
+        if attribute not in predictions.columns:
+            warnings.append(f"attribute {attribute!r} is not a column of the predictions; skipped")
+            continue
+        column = predictions[attribute]
+        if pd.api.types.is_numeric_dtype(column) and column.nunique(dropna=True) > MAX_NUMERIC_GROUPS:
+            warnings.append(
+                f"attribute {attribute!r} is numeric with {column.nunique()} distinct values;"
+                " not used as a grouping (bin it first)"
+            )
+            continue
+        out[attribute] = _labels(column)
+    return out
+
+
+def _rows(table: pd.DataFrame, extra: dict[str, dict[str, float]] | None = None) -> list[dict]:
+    rows = []
+    for rec in table.to_dict("records"):
+        row = {
+            "attribute": rec["attribute"],
+            "group": str(rec["group"]),
+            "n": int(rec["n"]),
+            "metric": float(rec["metric"]),
+            "ci95": [float(rec["ci_low"]), float(rec["ci_high"])],
+            "small": bool(rec["small"]),
+        }
+        for key, per_group in (extra or {}).items():
+            row[key] = per_group.get(str(rec["group"]), float("nan"))
+        rows.append(row)
+    return rows
+
+
+def _per_group_mean(values: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+    frame = pd.DataFrame({"g": list(labels), "v": values})
+    frame = frame[frame["g"] != MISSING]
+    return {str(k): float(v) for k, v in frame.groupby("g")["v"].mean().items()}
+
+
+def build_report(
+    predictions: pd.DataFrame,
+    *,
+    kind: str,
+    attributes: Sequence[str],
+    primary_metric: str,
+    age_edges: Sequence[float] = (60,),
+    intersections: bool = True,
+    min_group_size: int = 10,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``report.json`` content for one run's per-sample predictions.
+
+    Returns ``{"primary_metric", "kind", "overall": {n, metric, ci95}, "groups": [...],
+    "gaps": {...}, "definitions": {...}, "warnings": [...], "settings": {...}}``; each group row
+    is ``{attribute, group, n, metric, ci95, small}`` plus, for classification,
+    ``positive_rate`` (share with y_pred = 1) and ``mean_score`` (mean P(y=1|x), the quantity
+    the DP gap compares). Samples missing an attribute are excluded from that attribute's groups
+    and gaps (and any intersection using it) and reported in ``warnings``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(predictions, pd.DataFrame):
+        raise ValueError("predictions must be a pandas DataFrame")
+    if len(predictions) == 0:
+        raise ValueError("predictions is empty")
+    required = ["site", "metric"] + (["y_true", "score", "y_pred"] if kind == "classification" else [])
+    missing_columns = [c for c in required if c not in predictions.columns]
+    if missing_columns:
+        raise ValueError(f"predictions lack column(s) {missing_columns}")
+
+    warnings: list[str] = []
+    metric = pd.to_numeric(predictions["metric"], errors="coerce").to_numpy(np.float64)
+    if not np.all(np.isfinite(metric)):
+        raise ValueError("the metric column has missing or non-numeric values")
+    sites = _labels(predictions["site"])
+    if any(s == MISSING for s in sites):
+        raise ValueError("every prediction needs a site")
+    n = len(metric)
+
+    grouping = _grouping_columns(predictions, attributes, age_edges, warnings)
+    for name, labels in grouping.items():
+        n_missing = sum(label == MISSING for label in labels)
+        if n_missing:
+            warnings.append(
+                f"{n_missing} of {n} samples have no {name}; they are left out of the {name}"
+                " groups and gaps"
+            )
+
+    extra: dict[str, dict[str, float]] = {}
+    if kind == "classification":
+        score = pd.to_numeric(predictions["score"], errors="coerce").to_numpy(np.float64)
+        y_pred = pd.to_numeric(predictions["y_pred"], errors="coerce").to_numpy(np.float64)
+        y_true = pd.to_numeric(predictions["y_true"], errors="coerce").to_numpy(np.float64)
+        if not (np.all(np.isfinite(score)) and np.all(np.isfinite(y_pred))
+                and np.all(np.isfinite(y_true))):
+            raise ValueError("y_true, score and y_pred must be numeric for every sample")
+
+    def table_rows(name: str, labels: list[str]) -> list[dict]:
+        table = group_table(metric, sensitive_features=labels, attribute_name=name,
+                            n_boot=n_boot, seed=seed, min_group_size=min_group_size)
+        if kind == "classification":
+            extra_cols = {"positive_rate": _per_group_mean(y_pred, labels),
+                          "mean_score": _per_group_mean(score, labels)}
+        else:
+            extra_cols = None
+        return _rows(table, extra_cols)
+
+    groups: list[dict] = table_rows("site", sites)
+    for name, labels in grouping.items():
+        groups.extend(table_rows(name, labels))
+    if intersections:
+        for (a, la), (b, lb) in itertools.combinations(grouping.items(), 2):
+            groups.extend(table_rows(f"{a}{INTERSECTION_SEPARATOR}{b}", intersect(la, lb)))
+
+    for row in groups:
+        if row["small"]:
+            warnings.append(
+                f"{row['attribute']}={row['group']} has only {row['n']} samples"
+                f" (< {min_group_size}); its metric and CI are unreliable"
+            )
+
+    gaps: dict[str, float] = {"ea": equal_accuracy_gap(metric, sensitive_features=sites)}
+    if kind == "classification":
+        for name, labels in grouping.items():
+            try:
+                gaps[f"dp:{name}"] = demographic_parity_gap(y_true, score, sensitive_features=labels)
+            except ValueError as err:
+                gaps[f"dp:{name}"] = float("nan")
+                warnings.append(f"dp:{name} undefined: {err}")
+            try:
+                gaps[f"eo:{name}"] = equal_opportunity_gap(y_true, score, sensitive_features=labels)
+            except ValueError as err:
+                gaps[f"eo:{name}"] = float("nan")
+                warnings.append(f"eo:{name} undefined: {err}")
+
+    low, high = bootstrap_ci(metric, n_boot=n_boot, seed=seed)
+    report = {
+        "primary_metric": primary_metric,
+        "kind": kind,
+        "overall": {"n": n, "metric": float(metric.mean()), "ci95": [low, high]},
+        "groups": groups,
+        "gaps": gaps,
+        "definitions": {name: gap_definition(name, primary_metric) for name in gaps},
+        "warnings": warnings,
+        "settings": {
+            "attributes": list(grouping),
+            "age_edges": [float(e) for e in age_edges],
+            "min_group_size": int(min_group_size),
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+            "ci_level": 0.95,
+        },
+    }
+    return _clean(report)

@@ -1,0 +1,451 @@
+"""Turn a run directory into report.json, report.md and a self-contained report.html.
+
+A run directory holds ``run.yaml`` (resolved configuration), ``metrics.jsonl`` (one JSON object
+per round) and, when predictions may leave the sites, ``predictions.csv`` (one row per test
+sample). From the predictions the audit is recomputed (:func:`~fedfair_med.reporting.audit.build_report`);
+in a federated deployment where they stay at the sites, an existing ``report.json`` is rendered
+as is.
+
+The HTML embeds its charts as base64 PNG and its styles inline: reports are read on clinical
+machines that are often offline, and a file that fetches nothing also leaks nothing. Charts use
+matplotlib's Agg canvas directly (no pyplot), so rendering never touches global backend state.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fedfair_med.reporting.audit import CORE_COLUMNS, build_report
+
+__all__ = [
+    "RunDirectoryError",
+    "load_config",
+    "load_rounds",
+    "load_predictions",
+    "write_reports",
+    "render_markdown",
+    "render_html",
+    "print_summary",
+]
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+class RunDirectoryError(ValueError):
+    """The run directory is missing, incomplete or unreadable (message fits on one line)."""
+
+
+# ---- reading the run directory ---------------------------------------------------------------
+def load_config(run_dir: Path) -> dict[str, Any]:
+    """``run.yaml`` as a dict ({} when the file is absent)."""
+    path = Path(run_dir) / "run.yaml"
+    if not path.exists():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RunDirectoryError(f"{path} is not valid YAML ({type(err).__name__})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise RunDirectoryError(f"{path} must hold a mapping, not {type(config).__name__}")
+    return config
+
+
+def load_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round records of ``metrics.jsonl`` ([] when absent); blank lines are skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rounds = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise RunDirectoryError(f"{path}:{number} is not valid JSON") from None
+        if not isinstance(record, dict) or "round" not in record:
+            raise RunDirectoryError(f"{path}:{number} is not a round record (no 'round' key)")
+        rounds.append(record)
+    return sorted(rounds, key=lambda r: r["round"])
+
+
+def load_predictions(run_dir: Path) -> pd.DataFrame | None:
+    """``predictions.csv`` (None when absent). Only empty cells count as missing values."""
+    path = Path(run_dir) / "predictions.csv"
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={"id": str, "site": str}, keep_default_na=False,
+                            na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise RunDirectoryError(f"{path} could not be read as CSV ({type(err).__name__})") from None
+    for column in ("site", "metric"):
+        if column not in frame.columns:
+            raise RunDirectoryError(f"{path} has no {column!r} column")
+    if len(frame) == 0:
+        raise RunDirectoryError(f"{path} has no rows")
+    return frame
+
+
+def _task_field(config: Mapping[str, Any], key: str) -> Any:
+    if key in config:
+        return config[key]
+    task = config.get("task")
+    return task.get(key) if isinstance(task, Mapping) else None
+
+
+def infer_kind(config: Mapping[str, Any], predictions: pd.DataFrame) -> str:
+    """``kind`` from run.yaml (top level or under ``task``), else from the predictions.
+
+    The fallback calls a run classification when y_true and y_pred are 0/1 labels and the
+    metric is exactly their agreement (1/0 correctness); per-image Dice is not.
+    """
+    kind = _task_field(config, "kind")
+    if kind in ("segmentation", "classification"):
+        return str(kind)
+    needed = {"y_true", "y_pred", "metric"}
+    if needed <= set(predictions.columns):
+        y_true = pd.to_numeric(predictions["y_true"], errors="coerce")
+        y_pred = pd.to_numeric(predictions["y_pred"], errors="coerce")
+        metric = pd.to_numeric(predictions["metric"], errors="coerce")
+        labels = y_true.isin([0, 1]).all() and y_pred.isin([0, 1]).all()
+        if labels and np.array_equal(metric.to_numpy(), (y_true == y_pred).to_numpy(float)):
+            return "classification"
+    return "segmentation"
+
+
+def infer_attributes(config: Mapping[str, Any], predictions: pd.DataFrame) -> list[str]:
+    """Sensitive attributes: run.yaml's ``attributes`` list, else every non-core CSV column."""
+    listed = _task_field(config, "attributes")
+    if isinstance(listed, (list, tuple)) and listed:
+        return [str(a) for a in listed]
+    return [c for c in predictions.columns if c not in CORE_COLUMNS]
+
+
+def write_reports(
+    run_dir: Path,
+    *,
+    min_group_size: int = 10,
+    age_edges: Sequence[float] = (60,),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write report.json (from predictions.csv when present), report.md and report.html.
+
+    Returns {"json": path, "markdown": path, "html": path}. Raises :class:`RunDirectoryError`
+    when ``run_dir`` is not a directory or has neither predictions.csv nor report.json.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunDirectoryError(f"run directory {str(run_dir)!r} does not exist")
+    if not run_dir.is_dir():
+        raise RunDirectoryError(f"{str(run_dir)!r} is not a directory")
+    config = load_config(run_dir)
+    rounds = load_rounds(run_dir)
+    predictions = load_predictions(run_dir)
+    json_path = run_dir / "report.json"
+    if predictions is not None:
+        kind = infer_kind(config, predictions)
+        primary = _task_field(config, "primary_metric") or (
+            "dice" if kind == "segmentation" else "accuracy")
+        try:
+            report = build_report(
+                predictions, kind=kind, attributes=infer_attributes(config, predictions),
+                primary_metric=str(primary), age_edges=tuple(age_edges),
+                min_group_size=min_group_size, n_boot=n_boot, seed=seed,
+            )
+        except ValueError as err:
+            raise RunDirectoryError(f"{run_dir / 'predictions.csv'}: {err}") from None
+        json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    elif json_path.exists():
+        try:
+            report = json.loads(json_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise RunDirectoryError(f"{json_path} is not valid JSON") from None
+        if not isinstance(report, dict) or not {"overall", "groups", "gaps"} <= set(report):
+            raise RunDirectoryError(f"{json_path} is not a fedfair-med report")
+    else:
+        raise RunDirectoryError(
+            f"{str(run_dir)!r} has neither predictions.csv nor report.json; is it a run directory?"
+        )
+    md_path = run_dir / "report.md"
+    html_path = run_dir / "report.html"
+    md_path.write_text(render_markdown(report, config, rounds), encoding="utf-8")
+    html_path.write_text(render_html(report, config, rounds), encoding="utf-8")
+    return {"json": json_path, "markdown": md_path, "html": html_path}
+
+
+# ---- formatting ------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return "–"
+    return f"{number:.{digits}f}"
+
+
+def _ci(pair: Any) -> str:
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(
+        v is None or not math.isfinite(float(v)) for v in pair
+    ):
+        return "–"
+    return f"[{_fmt(pair[0])}, {_fmt(pair[1])}]"
+
+
+def _title(config: Mapping[str, Any]) -> tuple[str, str]:
+    task = config.get("task")
+    task_name = task.get("name") if isinstance(task, Mapping) else task
+    method = config.get("method")
+    method_name = method.get("name") if isinstance(method, Mapping) else method
+    title = " · ".join(str(x) for x in (task_name, method_name) if x) or "run"
+    criterion = config.get("criterion")
+    bits = []
+    if isinstance(criterion, Mapping) and criterion.get("name"):
+        bits.append(f"criterion {criterion.get('name')} over {criterion.get('attribute', 'site')}")
+    for key in ("seed", "rounds"):
+        if key in config:
+            bits.append(f"{key} {config[key]}")
+    return title, ", ".join(bits)
+
+
+def _round_columns(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    gap_names: list[str] = []
+    for r in rounds:
+        for name in (r.get("gaps") or {}):
+            if name not in gap_names:
+                gap_names.append(name)
+    gap_names.sort(key=lambda g: (g != "ea", g))
+    return ["metric"] + gap_names
+
+
+def _round_values(record: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    gaps = record.get("gaps") or {}
+    return {c: record.get("metric") if c == "metric" else gaps.get(c) for c in columns}
+
+
+def _ordered_attributes(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for row in groups:
+        if row["attribute"] not in seen:
+            seen.append(row["attribute"])
+    return seen
+
+
+# ---- charts ----------------------------------------------------------------------------------
+def _png(figure: Any) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def group_chart(rows: Sequence[Mapping[str, Any]], attribute: str, metric_name: str) -> str:
+    """Base64 PNG: one bar per group with its 95% CI as an error bar (hatched when small)."""
+    from matplotlib.figure import Figure
+
+    labels = [str(r["group"]) for r in rows]
+    means = np.array([np.nan if r["metric"] is None else r["metric"] for r in rows], dtype=float)
+    lows = np.array([np.nan if r["ci95"][0] is None else r["ci95"][0] for r in rows], dtype=float)
+    highs = np.array([np.nan if r["ci95"][1] is None else r["ci95"][1] for r in rows], dtype=float)
+    err = np.vstack([np.nan_to_num(means - lows), np.nan_to_num(highs - means)]).clip(min=0)
+    figure = Figure(figsize=(max(4.0, 0.7 * len(rows) + 2.0), 3.0))
+    ax = figure.add_subplot()
+    bars = ax.bar(range(len(rows)), means, yerr=err, capsize=4, color="#4c78a8")
+    for bar, row in zip(bars, rows):
+        if row.get("small"):
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+    crowded = len(rows) > 4 or sum(len(label) for label in labels) > 6 * len(rows)
+    ax.set_xticks(range(len(rows)), labels, rotation=30 if crowded else 0,
+                  ha="right" if crowded else "center")
+    ax.set_ylabel(metric_name)
+    note = "; hatched: small group" if any(r.get("small") for r in rows) else ""
+    ax.set_title(f"{metric_name} by {attribute} (95% CI{note})")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(figure)
+
+
+def curves_chart(rounds: Sequence[Mapping[str, Any]], metric_name: str) -> str:
+    """Base64 PNG: pooled and per-site metric per round (left), fairness gaps per round (right)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    x = [r["round"] for r in rounds]
+    figure = Figure(figsize=(9.0, 3.2))
+    left, right = figure.subplots(1, 2)
+    left.plot(x, [r.get("metric", np.nan) for r in rounds], marker="o", color="black",
+              label="pooled")
+    site_names = sorted({s for r in rounds for s in (r.get("sites") or {})})
+    for site in site_names:
+        values = [((r.get("sites") or {}).get(site) or {}).get("metric", np.nan) for r in rounds]
+        left.plot(x, [np.nan if v is None else v for v in values], marker=".", alpha=0.8,
+                  label=site)
+    left.set_xlabel("round")
+    left.set_ylabel(metric_name)
+    left.set_title(f"test {metric_name}")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    for name in _round_columns(rounds)[1:]:
+        values = [(r.get("gaps") or {}).get(name) for r in rounds]
+        right.plot(x, [np.nan if v is None else v for v in values], marker="o", label=name)
+    right.set_xlabel("round")
+    right.set_ylabel("gap")
+    right.set_title("fairness gaps")
+    if right.lines:
+        right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(figure)
+
+
+# ---- Markdown and HTML -----------------------------------------------------------------------
+def _md(text: Any) -> str:
+    """A Markdown table cell: '|' would end the cell (definitions are full of |x|)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(
+    report: Mapping[str, Any], config: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]
+) -> str:
+    """The report as GitHub-flavoured Markdown (tables only, no images)."""
+    title, subtitle = _title(config)
+    metric_name = report.get("primary_metric", "metric")
+    classification = report.get("kind") == "classification"
+    overall = report["overall"]
+    lines = [f"# Fairness report — {title}", ""]
+    if subtitle:
+        lines += [subtitle, ""]
+    lines += [
+        "## Overall", "",
+        f"| samples | {metric_name} | 95% CI |", "|---:|---:|---:|",
+        f"| {overall['n']} | {_fmt(overall['metric'])} | {_ci(overall.get('ci95'))} |", "",
+        "## Fairness gaps", "", "| gap | value | definition |", "|---|---:|---|",
+    ]
+    definitions = report.get("definitions", {})
+    for name, value in report["gaps"].items():
+        lines.append(f"| `{_md(name)}` | {_fmt(value)} | {_md(definitions.get(name, ''))} |")
+    head = f"| attribute | group | n | {metric_name} | 95% CI |"
+    rule = "|---|---|---:|---:|---:|"
+    if classification:
+        head += " positive rate | mean score |"
+        rule += "---:|---:|"
+    lines += ["", "## Per-group results", "", head, rule]
+    for row in report["groups"]:
+        flag = " (small)" if row.get("small") else ""
+        line = (f"| {_md(row['attribute'])} | {_md(row['group'])}{flag} | {row['n']}"
+                f" | {_fmt(row['metric'])}"
+                f" | {_ci(row.get('ci95'))} |")
+        if classification:
+            line += f" {_fmt(row.get('positive_rate'))} | {_fmt(row.get('mean_score'))} |"
+        lines.append(line)
+    if rounds:
+        columns = _round_columns(rounds)
+        lines += ["", "## Per-round metrics", "",
+                  "| round | " + " | ".join(_md(c) for c in columns) + " |",
+                  "|---:|" + "---:|" * len(columns)]
+        for r in rounds:
+            values = _round_values(r, columns)
+            lines.append(f"| {r['round']} | " + " | ".join(_fmt(values[c]) for c in columns) + " |")
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    if config:
+        lines += ["", "## Run configuration", "", "```yaml",
+                  yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _environment() -> Any:
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(
+        loader=FileSystemLoader(str(Path(__file__).resolve().parent / "templates")),
+        autoescape=select_autoescape(["html"]),
+        keep_trailing_newline=True,
+    )
+    env.filters["fmt"] = _fmt
+    env.filters["ci"] = _ci
+    return env
+
+
+def render_html(
+    report: Mapping[str, Any], config: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]
+) -> str:
+    """The report as one self-contained HTML page (inline CSS, base64 PNG charts)."""
+    title, subtitle = _title(config)
+    metric_name = report.get("primary_metric", "metric")
+    groups = report["groups"]
+    charts = []
+    for attribute in _ordered_attributes(groups):
+        rows = [r for r in groups if r["attribute"] == attribute]
+        charts.append({"attribute": attribute, "png": group_chart(rows, attribute, metric_name)})
+    columns = _round_columns(rounds) if rounds else []
+    definitions = report.get("definitions", {})
+    template = _environment().get_template("report.html")
+    return template.render(
+        title=title,
+        subtitle=subtitle,
+        primary_metric=metric_name,
+        classification=report.get("kind") == "classification",
+        overall=report["overall"],
+        gaps=[{"name": k, "value": v, "definition": definitions.get(k, "")}
+              for k, v in report["gaps"].items()],
+        groups=groups,
+        min_group_size=(report.get("settings") or {}).get("min_group_size", 10),
+        group_charts=charts,
+        curves_png=curves_chart(rounds, metric_name) if rounds else None,
+        round_columns=columns,
+        rounds=[{"round": r["round"], "cells": _round_values(r, columns)} for r in rounds],
+        warnings=report.get("warnings", []),
+        config_text=yaml.safe_dump(dict(config), sort_keys=False) if config else "(no run.yaml)",
+    )
+
+
+# ---- terminal --------------------------------------------------------------------------------
+def print_summary(report: Mapping[str, Any], console: Any) -> None:
+    """Print the per-group table and the gaps as Rich tables on ``console``."""
+    from rich.table import Table
+    from rich.text import Text
+
+    metric_name = report.get("primary_metric", "metric")
+    overall = report["overall"]
+    table = Table(title=f"{metric_name} by group (overall {_fmt(overall['metric'])},"
+                        f" 95% CI {_ci(overall.get('ci95'))}, n={overall['n']})")
+    table.add_column("attribute")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    table.add_column(metric_name, justify="right")
+    table.add_column("95% CI", justify="right")
+    for row in report["groups"]:
+        style = "yellow" if row.get("small") else None
+        # Text() so group labels such as "[a]" are never read as Rich markup.
+        table.add_row(Text(str(row["attribute"])), Text(str(row["group"])), str(row["n"]),
+                      _fmt(row["metric"]), _ci(row.get("ci95")), style=style)
+    console.print(table)
+    gaps = Table(title="fairness gaps")
+    gaps.add_column("gap")
+    gaps.add_column("value", justify="right")
+    for name, value in report["gaps"].items():
+        gaps.add_row(Text(name), _fmt(value))
+    console.print(gaps)
+    for warning in report.get("warnings", []):
+        console.print(Text.assemble(("warning: ", "yellow"), str(warning)))
