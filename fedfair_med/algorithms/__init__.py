@@ -10,10 +10,16 @@ from typing import Any
 
 from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.fedavg import FedAvg
+from fedfair_med.algorithms.fednova import FedNova
+from fedfair_med.algorithms.fedprox import FedProx
 from fedfair_med.algorithms.flexfair import FlexFair
+from fedfair_med.algorithms.scaffold import Scaffold
 
 REGISTRY: dict[str, type[Algorithm]] = {
     "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fednova": FedNova,
+    "scaffold": Scaffold,
     "flexfair": FlexFair,
 }
 

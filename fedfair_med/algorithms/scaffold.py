@@ -1,0 +1,176 @@
+"""SCAFFOLD — Karimireddy, Kale, Mohri, Reddi, Stich and Suresh, "SCAFFOLD: Stochastic Controlled
+Averaging for Federated Learning", ICML 2020.
+
+Control variates estimate each site's gradient drift and cancel it during local training. The
+server keeps c (an estimate of the global gradient), each site i keeps its own c_i privately.
+Local step with plain SGD (lr η_l):
+
+    y ← y − η_l (g_i(y) + c − c_i).
+
+After K steps from x, option II of the paper reuses the local progress instead of an extra
+gradient pass:
+
+    c_i⁺ = c_i − c + (x − y) / (K η_l),      Δc_i = c_i⁺ − c_i,
+
+and the site sends y and Δc_i (``scaffold.dc.<parameter name>``). The server, with
+p_i = n_i / N (FedAvg's weights; with η_g = 1 the model step is FedAvg's average):
+
+    x ← x + η_g Σ_i p_i (y_i − x),      c ← c + (|S| / N_sites) · mean_{i∈S} Δc_i.
+
+When every c starts at zero, c stays the mean of all sites' c_i, dropped sites included.
+BatchNorm running statistics are buffers, not gradient steps: they take FedAvg's average.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from fedfair_med.algorithms.base import (
+    Algorithm,
+    ClientUpdate,
+    LocalSettings,
+    SiteContext,
+    StateDict,
+    weighted_average,
+)
+
+SERVER_C = "scaffold.c."  # server state / broadcast: c per state entry
+SITE_C = "scaffold.ci."  # site_state: the site's own c_i, never sent
+DELTA_C = "scaffold.dc."  # extras: Δc_i per trainable parameter
+NUM_SITES = "scaffold.num_sites"
+
+
+class Scaffold(Algorithm):
+    name = "scaffold"
+    required_optimizer = "sgd"
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        # Per site, for the round in progress: c, c_i and c − c_i for each trainable parameter.
+        self._server_c: dict[str, dict[str, torch.Tensor]] = {}
+        self._site_c: dict[str, dict[str, torch.Tensor]] = {}
+        self._corrections: dict[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        return {"server_lr": 1.0}
+
+    def validate_params(self) -> None:
+        lr = self.params["server_lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"scaffold: server_lr must be a finite number > 0, got {lr!r}")
+
+    @property
+    def server_lr(self) -> float:
+        return float(self.params["server_lr"])
+
+    def local_momentum(self, settings: LocalSettings) -> float:
+        return 0.0  # the control-variate algebra assumes plain SGD steps
+
+    # ---- server ---------------------------------------------------------------------------
+    def init_server_state(self, global_state: StateDict, sites: list[str]) -> StateDict:
+        """c = 0 for every float entry (the server cannot tell parameters from float buffers;
+        entries that no site reports a Δc for, i.e. buffers, simply stay zero and unused)."""
+        state: StateDict = {
+            SERVER_C + name: torch.zeros_like(value)
+            for name, value in global_state.items() if torch.is_floating_point(value)
+        }
+        state[NUM_SITES] = torch.tensor(float(len(sites)))
+        return state
+
+    def broadcast(self, server_state: StateDict, site: str) -> StateDict:
+        return {k: v for k, v in server_state.items() if k.startswith(SERVER_C)}
+
+    def aggregate(
+        self,
+        global_state: StateDict,
+        updates: Mapping[str, ClientUpdate],
+        server_state: StateDict,
+    ) -> tuple[StateDict, StateDict]:
+        weights = self.aggregation_weights(updates, server_state)
+        new_state = weighted_average({s: u.state for s, u in updates.items()}, weights)
+        sites = sorted(updates)
+        total = float(sum(weights[s] for s in sites))
+        parameters = sorted({
+            key[len(DELTA_C):] for u in updates.values() for key in u.extras if key.startswith(DELTA_C)
+        })
+        for name in parameters:
+            x = global_state[name]
+            x64 = x.to(torch.float64)
+            step = torch.zeros_like(x64)  # Σ_i p_i (y_i − x)
+            for s in sites:
+                step += (weights[s] / total) * (updates[s].state[name].to(torch.float64) - x64)
+            new_state[name] = (x64 + self.server_lr * step).to(x.dtype)
+
+        num_sites = float(server_state[NUM_SITES]) if NUM_SITES in server_state else float(len(sites))
+        new_server = dict(server_state)
+        for name in parameters:
+            key = SERVER_C + name
+            c = server_state.get(key, torch.zeros_like(global_state[name]))
+            total_dc = torch.zeros_like(c, dtype=torch.float64)
+            for s in sites:
+                if DELTA_C + name in updates[s].extras:
+                    total_dc += updates[s].extras[DELTA_C + name].to(torch.float64)
+            # (|S| / N) · mean_{i∈S} Δc_i  =  Σ_{i∈S} Δc_i / N
+            new_server[key] = (c.to(torch.float64) + total_dc / num_sites).to(c.dtype)
+        return new_state, self.update_server_state(new_server, updates, weights)
+
+    # ---- site -----------------------------------------------------------------------------
+    def on_round_start(
+        self, ctx: SiteContext, model: nn.Module, broadcast: StateDict, site_state: StateDict
+    ) -> None:
+        """Read c from the broadcast and c_i from private memory (both zero when absent)."""
+        server_c, site_c, corrections = {}, {}, {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            c = broadcast.get(SERVER_C + name)
+            c = torch.zeros_like(p) if c is None else c.detach().to(p.device, p.dtype)
+            c_i = site_state.get(SITE_C + name)
+            c_i = torch.zeros_like(p) if c_i is None else c_i.detach().to(p.device, p.dtype)
+            server_c[name] = c
+            site_c[name] = c_i
+            corrections[name] = c - c_i
+        self._server_c[ctx.site] = server_c
+        self._site_c[ctx.site] = site_c
+        self._corrections[ctx.site] = corrections
+
+    def after_backward(self, model: nn.Module, ctx: SiteContext) -> None:
+        """g ← g + (c − c_i): the drift correction."""
+        corrections = self._corrections[ctx.site]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                correction = corrections.get(name)
+                if correction is None:
+                    continue
+                if p.grad is None:
+                    if torch.count_nonzero(correction) > 0:  # unused in forward: correction only
+                        p.grad = correction.clone()
+                else:
+                    p.grad.add_(correction)
+
+    def client_extras(
+        self, ctx: SiteContext, start_state: StateDict, model: nn.Module, steps: int,
+        site_state: StateDict,
+    ) -> StateDict:
+        """Option II: c_i⁺ = c_i − c + (x − y)/(K η_l); send Δc_i, keep c_i⁺ in site_state."""
+        server_c = self._server_c.pop(ctx.site)
+        site_c = self._site_c.pop(ctx.site)
+        self._corrections.pop(ctx.site)
+        extras: StateDict = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name not in site_c:
+                    continue
+                if steps > 0:  # Δc_i = −c + (x − y)/(K η_l)
+                    moved = start_state[name].to(p.device, p.dtype) - p.detach()
+                    delta = moved / (steps * ctx.settings.lr) - server_c[name]
+                else:  # no local step: nothing learnt about the drift
+                    delta = torch.zeros_like(p)
+                extras[DELTA_C + name] = delta.cpu()
+                site_state[SITE_C + name] = (site_c[name] + delta).cpu()
+        return extras
