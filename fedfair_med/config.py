@@ -97,6 +97,7 @@ def load_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> Run
         raw = dict(source)
     if not isinstance(raw, dict):
         raise ConfigError("configuration must be a mapping of keys to values")
+    raw.pop("resolved", None)  # derived facts a run directory's run.yaml carries
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -109,5 +110,9 @@ def load_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> Run
     return config.validate()
 
 
-def dump_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def dump_config(config: RunConfig, path: Path, **facts: Any) -> None:
+    """Write the resolved configuration; ``facts`` (derived, read-only) go under ``resolved``."""
+    content = config.to_dict()
+    if facts:
+        content["resolved"] = facts
+    path.write_text(yaml.safe_dump(content, sort_keys=False))

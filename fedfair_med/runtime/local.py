@@ -9,6 +9,7 @@ metrics on the same machine.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +80,19 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
     progress = progress or _Silent()
     config.validate()
     task = build_task(config.task)
-    rundir = RunDirectory(Path(out_dir), config)
     sites = build_sites(config, task)
+    resolved = resolve(config, task)
+    rundir = RunDirectory(
+        Path(out_dir), config, kind=task.kind, primary_metric=task.primary_metric,
+        attributes=list(sites[0].attributes), sites=[s.name for s in sites],
+        rounds=resolved.rounds, batch_size=resolved.batch_size,
+        local=dataclasses.asdict(resolved.settings),
+    )
     algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
     model = build_global_model(config, task)
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [s.name for s in sites])
-    rounds = resolve(config, task).rounds
+    rounds = resolved.rounds
     classification = task.kind == CLASSIFICATION
     history: list[dict[str, Any]] = []
     started = time.perf_counter()

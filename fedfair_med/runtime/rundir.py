@@ -36,10 +36,11 @@ def _clean(value: Any) -> Any:
 class RunDirectory:
     """Writes one run's files; creating it truncates a previous ``metrics.jsonl``."""
 
-    def __init__(self, path: Path, config: RunConfig) -> None:
+    def __init__(self, path: Path, config: RunConfig, **facts: Any) -> None:
+        """``facts`` (task kind, primary metric, attributes, sites) are written beside the config."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        dump_config(config, self.path / "run.yaml")
+        dump_config(config, self.path / "run.yaml", **facts)
         (self.path / "metrics.jsonl").write_text("")
 
     def log_round(self, record: Mapping[str, Any]) -> None:
