@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from fedfair_med.algorithms.base import Algorithm
+from fedfair_med.algorithms.dynamicfl import DynamicFL
+from fedfair_med.algorithms.fairfed import FairFed
+from fedfair_med.algorithms.fairmixup import FairMixup
 from fedfair_med.algorithms.fedavg import FedAvg
 from fedfair_med.algorithms.fednova import FedNova
 from fedfair_med.algorithms.fedprox import FedProx
@@ -21,6 +24,9 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "fednova": FedNova,
     "scaffold": Scaffold,
     "flexfair": FlexFair,
+    "fairfed": FairFed,
+    "fairmixup": FairMixup,
+    "dynamicfl": DynamicFL,
 }
 
 
