@@ -17,7 +17,7 @@ console = Console()
 
 DEMO_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fedavg", {}),
-    ("flexfair", {"lam": 2.0}),
+    ("flexfair", {"lam": 3.0}),
 )
 
 

@@ -331,14 +331,15 @@ def test_fairfed_one_real_round_reweights_by_fairness():
     model = small_cnn()
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [c.site for c in contexts])
-    assert algorithm.wants_statistics(0, server_state)
-    statistics = {}
-    for ctx in contexts:
-        model.load_state_dict(global_state)
-        statistics[ctx.site] = algorithm.client_statistics(ctx, model)
-    server_state = algorithm.absorb_statistics(server_state, statistics)
+    assert not algorithm.wants_statistics(1, server_state)  # statistics ride with the update
     updates = {ctx.site: algorithm.client_update(ctx, small_cnn(), global_state, {}, {})
                for ctx in contexts}
+    for ctx in contexts:  # the extras are the global model's statistics, fixed-size
+        model.load_state_dict(global_state)
+        expected = algorithm.client_statistics(ctx, model)
+        sent = {k.split(".")[-1]: v for k, v in updates[ctx.site].extras.items() if k.startswith("fairfed.stats.")}
+        assert set(sent) == set(expected)
+        assert all(torch.allclose(sent[k], expected[k]) for k in expected)
     new_state, server_state = algorithm.aggregate(global_state, updates, server_state)
 
     sizes = {s: u.num_samples for s, u in updates.items()}

@@ -12,8 +12,10 @@ from sites whose local fairness disagrees most with the global one:
 
 and aggregates the local models with ω instead of n_k / N (β = 0 is FedAvg).
 
-F and F_k come from a forward-only statistics pass of the *global* model on each site's training
-data. A site reports only fixed-size sums: per-group sums of the criterion's per-sample risk and
+F and F_k come from a forward-only pass of the *global* model on each site's training data at
+the start of its round (as in the paper, before local training); they travel with the update,
+so FairFed needs no extra exchange and the server re-weights in the same round. A site reports
+only fixed-size sums: per-group sums of the criterion's per-sample risk and
 per-group counts (shape (G,)), the summed task loss and its sample count (scalars).
 
 * ``dp`` / ``eo`` (groups = values of a sensitive attribute): with R_g the pooled group risks
@@ -50,6 +52,7 @@ from fedfair_med.fairness.penalty import GroupStatistics, group_sums
 WEIGHT_KEY = "fairfed/weight/"
 DELTA_KEY = "fairfed/delta/"
 GLOBAL_KEY = "fairfed/global_value"
+STATS_KEY = "fairfed.stats."
 
 
 class FairFed(Algorithm):
@@ -68,9 +71,26 @@ class FairFed(Algorithm):
         if self.params["criterion"] not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.params['criterion']!r}")
 
-    # ---- statistics pass ---------------------------------------------------------------------
-    def wants_statistics(self, round_index: int, server_state: StateDict) -> bool:
-        return True
+    # ---- statistics of the global model, sent with the update ---------------------------------
+    def on_round_start(self, ctx: SiteContext, model: nn.Module, broadcast: StateDict,
+                       site_state: StateDict) -> None:
+        self._statistics = getattr(self, "_statistics", {})
+        self._statistics[ctx.site] = self.client_statistics(ctx, model)
+
+    def client_extras(self, ctx: SiteContext, start_state: StateDict, model: nn.Module,
+                      steps: int, site_state: StateDict) -> StateDict:
+        return {STATS_KEY + k: v for k, v in self._statistics.pop(ctx.site).items()}
+
+    def aggregate(self, global_state: StateDict, updates: Mapping[str, ClientUpdate],
+                  server_state: StateDict) -> tuple[StateDict, StateDict]:
+        """Take this round's FairFed step on ω from the updates' statistics, then average."""
+        statistics = {
+            s: {k[len(STATS_KEY):]: v for k, v in u.extras.items() if k.startswith(STATS_KEY)}
+            for s, u in updates.items()
+        }
+        if all(statistics.values()):
+            server_state = self.absorb_statistics(server_state, statistics)
+        return super().aggregate(global_state, updates, server_state)
 
     @torch.no_grad()
     def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:

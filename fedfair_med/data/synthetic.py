@@ -1,8 +1,9 @@
 """The built-in synthetic federation: small, seeded, generated on the fly, no patient data.
 
 Segmentation: single-channel 32 × 32 images of blobs and a curved vessel. Sites differ in
-appearance (contrast, brightness, noise), and the last site is both harder (faint, thin, noisy)
-and smaller, so sample-weighted FedAvg under-serves it — the equal-accuracy gap FlexFair closes.
+appearance (contrast, brightness, noise); the last site's scanner is brighter with weaker
+contrast and thinner structures, and it has a third of the others' training images, so
+sample-weighted FedAvg under-serves it — the equal-accuracy gap FlexFair narrows.
 
 Classification: three-channel 32 × 32 'lesions' whose class is carried by a texture; the base
 rate of the positive class differs by sex and age band, and older patients' images are darker —
@@ -37,7 +38,7 @@ class SiteStyle:
 SEGMENTATION_SITES = (
     SiteStyle("site-a", 48, 24, contrast=1.0, brightness=0.0, noise=0.10, thickness=1.0),
     SiteStyle("site-b", 48, 24, contrast=0.8, brightness=0.25, noise=0.15, thickness=1.0),
-    SiteStyle("site-c", 24, 24, contrast=-0.6, brightness=0.2, noise=0.12, thickness=0.8),
+    SiteStyle("site-c", 16, 24, contrast=0.5, brightness=0.35, noise=0.12, thickness=0.8),
 )
 
 

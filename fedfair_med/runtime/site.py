@@ -133,7 +133,12 @@ class SiteRunner:
     def evaluate(self, model: nn.Module, global_state: StateDict) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Predictions (kept here) and their aggregate summary (the part that may travel)."""
         predictions = self.predict(model, global_state)
-        return predictions, site_summary(predictions, ("site", *self.attributes))
+        return predictions, site_summary(predictions, self.summary_attributes)
+
+    @property
+    def summary_attributes(self) -> tuple[str, ...]:
+        """Categorical attributes only: a group per raw age would be nearly a group per patient."""
+        return ("site", *(a for a in self.attributes if a != "age"))
 
 
 def _item(value: Any) -> Any:
