@@ -1,0 +1,131 @@
+"""``fedfair-med data``: check a site manifest, import public datasets as manifests.
+
+Thin by design: parse arguments, call :mod:`fedfair_med.data`, print. Problems are printed one
+per line (file, row, field, message) so a data manager can work through them; exit code 1
+means "fix these first". Expected failures (a bad manifest, an unreadable folder) never
+produce a traceback.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedfair_med.data.importers import IMPORTERS, DatasetLayoutError, import_dataset
+from fedfair_med.data.manifest import ManifestError, Problem, parse_manifest
+from fedfair_med.data.validate import TASK_FORMATS, CheckResult, check_manifest, task_format
+
+TaskName = Enum("TaskName", {name: name for name in TASK_FORMATS}, type=str)  # type: ignore[misc]
+DatasetName = Enum("DatasetName", {name.replace("-", "_"): name for name in IMPORTERS}, type=str)  # type: ignore[misc]
+
+
+def _console() -> Console:
+    # soft_wrap keeps each problem on one line, whatever the terminal width.
+    return Console(soft_wrap=True, highlight=False)
+
+
+def _print_problems(console: Console, title: str, problems: list[Problem], style: str) -> None:
+    console.print(f"[{style}]{title}[/{style}]")
+    for problem in problems:
+        console.print(str(problem), markup=False)
+
+
+def _summary_tables(result: CheckResult) -> list[Table]:
+    summary = result.summary
+    splits = ("train", "val", "test")
+    counts = Table(title=f"site '{summary.site}' ({summary.task_kind}): {summary.total} rows")
+    counts.add_column("")
+    for split in splits:
+        counts.add_column(split, justify="right")
+    counts.add_row("rows", *(str(summary.split_counts.get(s, 0)) for s in splits))
+    if summary.class_counts:
+        classes = sorted({c for per_split in summary.class_counts.values() for c in per_split})
+        for cls in classes:
+            counts.add_row(f"class {cls}", *(str(summary.class_counts.get(s, {}).get(cls, 0)) for s in splits))
+    if summary.foreground_fraction:
+        counts.add_row("mean foreground", *(
+            f"{summary.foreground_fraction[s]:.1%}" if s in summary.foreground_fraction else "-" for s in splits))
+    tables = [counts]
+    for attribute, groups in summary.group_counts.items():
+        table = Table(title=f"groups of '{attribute}'")
+        table.add_column(attribute)
+        for split in splits:
+            table.add_column(split, justify="right")
+        for group, per_split in groups.items():
+            table.add_row(group, *(str(per_split.get(s, 0)) for s in splits))
+        tables.append(table)
+    sizes = Table(title="image sizes")
+    sizes.add_column("size")
+    sizes.add_column("images", justify="right")
+    for size, n in summary.image_sizes.items():
+        sizes.add_row(size, str(n))
+    tables.append(sizes)
+    return tables
+
+
+def check(
+    manifest: Path = typer.Argument(..., help="The site's manifest CSV."),
+    task: TaskName = typer.Option(..., "--task", help="The task the site's data is for."),
+    mask_threshold: int = typer.Option(127, help="8-bit mask values above this are foreground."),
+) -> None:
+    """Open every file of a site manifest; print a summary, or every problem found (exit 1)."""
+    console = _console()
+    spec = task_format(task.value)
+    try:
+        parsed, parse_problems = parse_manifest(manifest)
+        result = check_manifest(parsed, task_kind=spec.kind, image_format=spec.image_format,
+                                mask_threshold=mask_threshold, classes=spec.classes)
+    except ManifestError as exc:
+        _print_problems(console, f"{manifest}: cannot be read as a manifest", exc.problems, "bold red")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        console.print(f"{manifest}: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    problems = list(dict.fromkeys([*parse_problems, *result.problems]))
+    warnings = list(result.warnings)
+    if parsed.task and parsed.task != task.value:
+        warnings.append(Problem(str(manifest), None, None,
+                                f"the file says '# task: {parsed.task}' but it was checked as '{task.value}'"))
+    if warnings:
+        _print_problems(console, f"{len(warnings)} warning(s):", warnings, "yellow")
+    if problems:
+        _print_problems(console, f"{len(problems)} problem(s):", problems, "bold red")
+        raise typer.Exit(1)
+    for table in _summary_tables(result):
+        console.print(table)
+    console.print(f"[green]{manifest}: OK[/green] ({result.summary.total} rows checked)")
+
+
+def import_(
+    dataset: DatasetName = typer.Argument(..., help="Which public dataset SRC holds."),
+    src: Path = typer.Argument(..., help="The dataset's folder, as published."),
+    out: Path = typer.Option(..., "--out", help="Where to write <site>/manifest.csv."),
+    test_fraction: Optional[float] = typer.Option(
+        None, "--test-fraction", help="Share of images (or patients/videos/lesions) for test; "
+                                      "default per dataset, see docs/data.md."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split's shuffles."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split (quick tests)."),
+) -> None:
+    """Write one manifest per site for a public dataset, pointing at SRC (nothing is copied)."""
+    console = _console()
+    try:
+        written = import_dataset(dataset.value, src, out, test_fraction=test_fraction, seed=seed, limit=limit)
+    except (DatasetLayoutError, ValueError, OSError) as exc:
+        console.print(f"cannot import {dataset.value} from {src}: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    for site in written:
+        counts = ", ".join(f"{n} {split}" for split, n in site.split_counts.items() if n)
+        console.print(f"wrote {site.manifest} (site '{site.site}', task {site.task}: {counts})", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the ``data`` command group to the main app."""
+    data_app = typer.Typer(help="Site manifests: check them, import public datasets.", no_args_is_help=True)
+    data_app.command("check")(check)
+    data_app.command("import")(import_)
+    app.add_typer(data_app, name="data")

@@ -1,0 +1,144 @@
+"""Importers on the real public datasets in ../shared/data (skipped when it is absent).
+
+Small ``limit``s keep image checks quick; leak-freedom is checked on full imports, which only
+read file names and metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fedfair_med.cli import data_commands
+from fedfair_med.data.importers import DatasetLayoutError, import_dataset
+from fedfair_med.data.manifest import load_manifest
+from fedfair_med.data.validate import check_manifest_for_task
+from fixtures_data import shared_data_dir
+
+DATA = shared_data_dir()
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not DATA.is_dir(), reason=f"public datasets not found at {DATA}"),
+]
+
+SOURCES = {
+    "chase": "chasedb1",
+    "stare": "stare",
+    "kvasir": "polyp/kvasir_seg_256",
+    "cvc-clinicdb": "polyp/cvc_clinicdb_png",
+    "ham10000": "ham10000",
+}
+
+
+def read_rows(manifest: Path) -> list[dict[str, str]]:
+    with manifest.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(line for line in handle if not line.startswith("#")))
+
+
+@pytest.mark.parametrize("dataset", list(SOURCES))
+def test_limited_import_passes_check(tmp_path, dataset):
+    sites = import_dataset(dataset, DATA / SOURCES[dataset], tmp_path, limit=3, seed=1)
+    assert sites
+    for site in sites:
+        assert site.manifest == tmp_path / site.site / "manifest.csv"
+        manifest = load_manifest(site.manifest)
+        assert manifest.site == site.site and manifest.task == site.task
+        assert 1 <= len(manifest.split("train")) <= 3 and 1 <= len(manifest.split("test")) <= 3
+        assert all(row.image.is_absolute() and row.image.is_relative_to(DATA.resolve())
+                   for row in manifest.rows)
+        result = check_manifest_for_task(manifest, site.task)
+        assert result.problems == [], [str(p) for p in result.problems]
+        assert sum(result.summary.image_sizes.values()) == len(manifest.rows)
+
+
+def test_chase_keeps_both_eyes_of_a_child_together(tmp_path):
+    (site,) = import_dataset("chase", DATA / SOURCES["chase"], tmp_path)
+    rows = read_rows(site.manifest)
+    assert len(rows) == 28
+    split_of_child = defaultdict(set)
+    for row in rows:
+        split_of_child[row["id"][len("Image_"):-1]].add(row["split"])
+        assert row["label"].endswith(f"{row['id']}_1stHO.png")
+    assert all(len(splits) == 1 for splits in split_of_child.values())
+    assert sum(splits == {"test"} for splits in split_of_child.values()) == 4  # 25 % of 14 children
+
+
+def test_cvc_frames_of_a_video_stay_in_one_split(tmp_path):
+    src = DATA / SOURCES["cvc-clinicdb"]
+    (site,) = import_dataset("cvc-clinicdb", src, tmp_path, seed=3)
+    with (src / "frame_sequence.csv").open() as handle:
+        video_of = {f"frame{r['frame']}": int(r["sequence"]) for r in csv.DictReader(handle)}
+    splits_of_video = defaultdict(set)
+    for row in read_rows(site.manifest):
+        splits_of_video[video_of[row["id"]]].add(row["split"])
+    assert all(len(s) == 1 for s in splits_of_video.values())
+    test_videos = sorted(v for v, s in splits_of_video.items() if s == {"test"})
+    val_videos = [v for v, s in splits_of_video.items() if s == {"val"}]
+    assert test_videos == [27, 28, 29]  # the last ~10 % of the 29 videos
+    assert len(val_videos) == 3 and not set(val_videos) & set(test_videos)
+    # val videos are drawn with the seed; test videos are not
+    (other,) = import_dataset("cvc-clinicdb", src, tmp_path / "other", seed=4)
+    other_val = {video_of[r["id"]] for r in read_rows(other.manifest) if r["split"] == "val"}
+    assert other_val != set(val_videos)
+
+
+def test_ham10000_sites_lesions_labels_and_missing_metadata(tmp_path):
+    src = DATA / SOURCES["ham10000"]
+    sites = import_dataset("ham10000", src, tmp_path)
+    assert sorted(s.site for s in sites) == ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
+    with (src / "HAM10000_metadata.csv").open() as handle:
+        metadata = {r["image_id"]: r for r in csv.DictReader(handle)}
+    rows = [row for site in sites for row in read_rows(site.manifest)]
+    assert len(rows) == len(metadata) == 10015
+    split_of_lesion = defaultdict(set)
+    for row in rows:
+        record = metadata[row["id"]]
+        split_of_lesion[record["lesion_id"]].add(row["split"])
+        assert row["label"] == ("1" if record["dx"] in {"mel", "bcc", "akiec"} else "0")
+    assert all(len(s) == 1 for s in split_of_lesion.values())
+    for site in sites:  # a lesion photographed at two sites is test at both or at neither
+        site_rows = read_rows(site.manifest)
+        assert 0.18 < sum(r["split"] == "test" for r in site_rows) / len(site_rows) < 0.23
+    assert sum(r["sex"] == "" for r in rows) == 57 and sum(r["age"] == "" for r in rows) == 57
+    assert {r["sex"] for r in rows} == {"male", "female", ""}
+    # incomplete metadata loads (a warning), it is not an error
+    modern = load_manifest(tmp_path / "vidir_modern" / "manifest.csv")
+    assert {w.field for w in modern.warnings} == {"sex", "age"}
+
+
+def test_kvasir_split_is_seeded(tmp_path):
+    src = DATA / SOURCES["kvasir"]
+    first = read_rows(import_dataset("kvasir", src, tmp_path / "a", seed=7)[0].manifest)
+    again = read_rows(import_dataset("kvasir", src, tmp_path / "b", seed=7)[0].manifest)
+    other = read_rows(import_dataset("kvasir", src, tmp_path / "c", seed=8)[0].manifest)
+    test_ids = {r["id"] for r in first if r["split"] == "test"}
+    assert test_ids == {r["id"] for r in again if r["split"] == "test"}
+    assert test_ids != {r["id"] for r in other if r["split"] == "test"}
+    assert len(test_ids) == round(0.1 * len(first))
+
+
+def test_wrong_source_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="Original/ folder"):
+        import_dataset("cvc-clinicdb", DATA / SOURCES["kvasir"], tmp_path)
+    with pytest.raises(ValueError, match="test fraction"):
+        import_dataset("kvasir", DATA / SOURCES["kvasir"], tmp_path, test_fraction=1.5)
+
+
+def test_cli_import_then_check(tmp_path):
+    app = typer.Typer()
+    data_commands.register(app)
+    runner = CliRunner()
+    out = tmp_path / "manifests"
+    result = runner.invoke(app, ["data", "import", "stare", str(DATA / SOURCES["stare"]), "--out", str(out),
+                                 "--limit", "2", "--test-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'stare' / 'manifest.csv'}" in result.output and "2 train, 2 test" in result.output
+    checked = runner.invoke(app, ["data", "check", str(out / "stare" / "manifest.csv"), "--task", "fundus"])
+    assert checked.exit_code == 0, checked.output
+    failed = runner.invoke(app, ["data", "import", "chase", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert failed.exit_code == 1 and "does not exist" in failed.output
