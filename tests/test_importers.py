@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fedfair_med.cli import data_commands
 from fedfair_med.data.importers import DatasetLayoutError, import_dataset
-from fedfair_med.data.manifest import load_manifest
+from fedfair_med.data.manifest import load_manifest, parse_manifest
 from fedfair_med.data.validate import check_manifest_for_task
 from fixtures_data import shared_data_dir
 
@@ -142,3 +142,21 @@ def test_cli_import_then_check(tmp_path):
     assert checked.exit_code == 0, checked.output
     failed = runner.invoke(app, ["data", "import", "chase", str(tmp_path / "nowhere"), "--out", str(out)])
     assert failed.exit_code == 1 and "does not exist" in failed.output
+
+
+def test_real_mri_volume_checks(tmp_path):
+    """The TotalSegmentator MRI: a one-organ mask passes; the multi-organ map is not binary."""
+    folder = DATA / "mri_abdomen_totalseg"
+    image = folder / "example_mr_sm.nii.gz"
+    path = tmp_path / "manifest.csv"
+    path.write_text("id,image,label,split\n"
+                    f"liver,{image},{folder / 'example_seg_roi_subset_mr.nii.gz'},train\n"
+                    f"organs,{image},{folder / 'example_seg_mr.nii.gz'},train\n"
+                    f"again,{image},{folder / 'example_seg_roi_subset_mr.nii.gz'},test\n")
+    manifest, parse_problems = parse_manifest(path)
+    result = check_manifest_for_task(manifest, "mri")
+    assert result.summary.image_sizes == {"117×91×20": 3}
+    assert [(p.row, p.field) for p in result.problems] == [(3, "label")]
+    assert "not binary" in result.problems[0].message
+    assert [(p.row, p.field) for p in parse_problems] == [(4, "image")]  # the same volume in train and test
+    assert 0 < result.summary.foreground_fraction["train"] < 0.5

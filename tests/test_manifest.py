@@ -526,3 +526,11 @@ def test_cli_check_warns_on_task_mismatch_and_missing_metadata(cli, tmp_path):
 
 def test_cli_check_rejects_unknown_task(cli, tmp_path):
     assert cli("check", segmentation_site(tmp_path), "--task", "heart").exit_code == 2
+
+
+def test_rgb_volume_mask_is_reported(tmp_path):
+    path = volume_site(tmp_path)
+    rgb = np.zeros((8, 7, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nifti(tmp_path / "vol0_seg.nii.gz", rgb)
+    problem = only(nifti_check(path).problems, "label")
+    assert problem.row == 2 and "voxel type" in problem.message

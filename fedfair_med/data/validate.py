@@ -347,6 +347,9 @@ class _Checker:
         if image_shape is not None and data.shape != image_shape:
             self.problem(row, column, f"mask shape {_size(data.shape)} differs from the image's "
                                       f"{_size(image_shape)} ({str(path)!r})")
+        if data.dtype.kind not in "biuf":
+            self.problem(row, column, f"mask {str(path)!r} has voxel type {data.dtype}; expected integers")
+            return
         values = np.unique(data)
         if values.size > 2 or not np.all(np.isfinite(values)) or not np.all(np.mod(values, 1) == 0):
             listed = ", ".join(f"{v:g}" for v in values[:6]) + (" …" if values.size > 6 else "")
@@ -387,12 +390,15 @@ class _Checker:
     def run(self) -> CheckResult:
         self.recheck_rows()
         for row in self.manifest.rows:
-            if self.format == FORMAT_NIFTI:
-                self.check_nifti(row)
-            else:
-                self.check_2d(row)
-            if self.kind == CLASSIFICATION:
-                self.check_class(row)
+            try:
+                if self.format == FORMAT_NIFTI:
+                    self.check_nifti(row)
+                else:
+                    self.check_2d(row)
+                if self.kind == CLASSIFICATION:
+                    self.check_class(row)
+            except Exception as exc:  # the contract is "report, never raise": a last safety net
+                self.problem(row, None, f"could not be checked ({type(exc).__name__}: {exc})")
         return CheckResult(problems=list(dict.fromkeys(self.problems)),
                            warnings=list(dict.fromkeys([*self.manifest.warnings, *self.warnings])),
                            summary=self.summary())
