@@ -91,7 +91,14 @@ def build_network(name: str, *, in_channels: int, out_channels: int, spatial_dim
                     spatial_dims=spatial_dims, **kwargs)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if len(missing) == len(model.state_dict()):
+        own = model.state_dict()
+        # Tensors of another shape (e.g. a 1000-class head) are skipped, not fatal.
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not state:
             raise ValueError(f"{weights}: no tensor matches network {name!r}")
+        model.load_state_dict(state, strict=False)
     return model
+
+
+# Networks defined in their own modules register themselves on import.
+from fedfair_med.models import resnet as _resnet, sanet as _sanet  # noqa: E402,F401

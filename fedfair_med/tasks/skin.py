@@ -1,0 +1,113 @@
+"""Skin-lesion classification from dermoscopy (e.g. HAM10000, one site per acquisition ``dataset``).
+
+Binary by default: malignant (1) vs benign (0). A manifest label is either ``0``/``1`` (also
+``benign``/``malignant``) or a HAM10000 diagnosis code, where ``mel``, ``bcc`` and ``akiec`` are
+malignant and ``nv``, ``bkl``, ``df``, ``vasc`` benign (``malignant=`` changes the set). ``age``
+and ``sex`` come from the manifest; ``age_band`` is derived from ``age`` (edges from the run).
+
+CPU default: MONAI ResNet-18 at 64 × 64 (the pooled reference in ``shared/data/README.md`` reaches
+AUC ≈ 0.87 there); ``network: resnet50`` or ``densenet121`` for studies. Malignant lesions are a
+minority (~20 % in HAM10000), so ``class_weights`` may weight the cross-entropy: ``[w0, w1]``, or
+``"balanced"``, i.e. ``w_c = N / (2 N_c)`` from the training labels this process loaded (in a
+federated deployment each collaborator loads only its own manifest, so that is its own split).
+The per-sample risk used by fairness criteria stays the unweighted cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.transforms import Compose, Resized
+
+from fedfair_med.data.federation import SiteData
+from fedfair_med.data.manifest import Manifest, ManifestRow
+from fedfair_med.tasks.base import CLASSIFICATION, TaskDefaults
+from fedfair_med.tasks.imaging import (
+    IMAGE, LABEL, EnsureChannelsd, ImagingTask, colour_augmentation, finish,
+    geometric_augmentation, load_rgb, to_unit_range,
+)
+
+HAM10000_MALIGNANT = ("mel", "bcc", "akiec")
+HAM10000_BENIGN = ("nv", "bkl", "df", "vasc")
+_NAMED = {"benign": 0, "malignant": 1}
+
+
+class SkinTask(ImagingTask):
+    name = "skin"
+    kind = CLASSIFICATION
+    in_channels = 3
+    defaults = TaskDefaults(network="resnet18", image_size=(64, 64), batch_size=32, lr=1e-3,
+                            rounds=10)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.malignant: tuple[str, ...] = HAM10000_MALIGNANT
+        self.class_weights_option: Any = None
+        self.class_weights: torch.Tensor | None = None
+
+    def configure(self, malignant: Sequence[str] | None = None, class_weights: Any = None,
+                  **options: Any) -> None:
+        super().configure(**options)
+        if malignant is not None:
+            self.malignant = tuple(str(m).strip().lower() for m in malignant)
+        if class_weights is not None and class_weights != "balanced":
+            weights = [float(w) for w in class_weights]
+            if len(weights) != 2 or min(weights) <= 0:
+                raise ValueError(f"task 'skin': class_weights must be 'balanced' or two positive "
+                                 f"numbers [benign, malignant], got {class_weights!r}")
+            class_weights = weights
+        self.class_weights_option = class_weights
+        self.class_weights = None
+
+    def parse_label(self, row: ManifestRow, manifest: Manifest) -> int:
+        text = row.label.strip().lower()
+        if text in ("0", "1"):
+            return int(text)
+        if text in _NAMED:
+            return _NAMED[text]
+        if text in self.malignant:
+            return 1
+        if text in HAM10000_BENIGN:
+            return 0
+        raise ValueError(
+            f"{manifest.path}, row {row.line}: label {row.label!r} is not 0/1, benign/malignant or a "
+            f"known diagnosis (malignant: {', '.join(self.malignant)}; benign: {', '.join(HAM10000_BENIGN)})"
+        )
+
+    def _common(self) -> list:
+        return [
+            load_rgb([IMAGE]),
+            EnsureChannelsd(keys=[IMAGE], channels=3),
+            to_unit_range(IMAGE),
+            Resized(keys=[IMAGE], spatial_size=self.image_size, mode="area"),
+        ]
+
+    def train_transforms(self) -> Compose:
+        return Compose([*self._common(), *geometric_augmentation([IMAGE]),
+                        *colour_augmentation(IMAGE), finish([IMAGE])])
+
+    def eval_transforms(self) -> Compose:
+        return Compose([*self._common(), finish([IMAGE])])
+
+    def after_load(self, sites: list[SiteData]) -> None:
+        option = self.class_weights_option
+        if option is None:
+            self.class_weights = None
+        elif option == "balanced":
+            labels = [int(record[LABEL]) for site in sites for record in site.train.data]
+            counts = torch.bincount(torch.tensor(labels), minlength=2).to(torch.float32)
+            if (counts == 0).any():
+                raise ValueError("task 'skin': class_weights='balanced' needs both classes in the "
+                                 f"training data; counts are {counts.tolist()}")
+            self.class_weights = counts.sum() / (2.0 * counts)
+        else:
+            self.class_weights = torch.tensor(option, dtype=torch.float32)
+
+    def task_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Cross-entropy, class-weighted when ``class_weights`` is set."""
+        if self.class_weights is None:
+            return super().task_loss(logits, batch)
+        weight = self.class_weights.to(device=logits.device, dtype=logits.dtype)
+        return F.cross_entropy(logits, batch[LABEL].long(), weight=weight)
