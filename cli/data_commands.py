@@ -123,9 +123,32 @@ def import_(
         console.print(f"wrote {site.manifest} (site '{site.site}', task {site.task}: {counts})", markup=False)
 
 
+def derive_mri(
+    image: Path = typer.Argument(..., help="A NIfTI MRI volume."),
+    label: Path = typer.Argument(..., help="Its label map (NIfTI, same grid)."),
+    out: Path = typer.Option(..., "--out", help="Where to write <site>/manifest.csv and volumes."),
+    sites: int = typer.Option(3, "--sites", help="How many derived hospitals."),
+    organ: str = typer.Option("liver", "--organ", help="Label name or value to segment."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Derive a small multi-site MRI federation (intensity, resolution, orientation shifts)."""
+    from fedfair_med.data.mri_sites import derive_mri_federation
+
+    console = _console()
+    try:
+        target = int(organ) if organ.isdigit() else organ
+        manifests = derive_mri_federation(image, label, out, sites=sites, seed=seed, organ=target)
+    except (KeyError, ValueError, OSError) as exc:
+        console.print(f"cannot derive MRI sites from {image}: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    for manifest in manifests:
+        console.print(f"wrote {manifest}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Attach the ``data`` command group to the main app."""
     data_app = typer.Typer(help="Site manifests: check them, import public datasets.", no_args_is_help=True)
     data_app.command("check")(check)
     data_app.command("import")(import_)
+    data_app.command("derive-mri")(derive_mri)
     app.add_typer(data_app, name="data")

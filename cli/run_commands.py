@@ -136,6 +136,8 @@ def register(app: typer.Typer) -> None:
             result = run_with_progress(config, target, config.method)
         except (ValueError, OSError) as err:
             _fail(str(err))
-        console.print(site_table({config.method: result}, result.final.get("metric_name", "metric")))
+        from fedfair_med.tasks import build_task
+
+        console.print(site_table({config.method: result}, build_task(config.task).primary_metric))
         console.print(f"run directory: {target} (report.html, report.json, metrics.jsonl)")
         console.print_json(json.dumps({"metric": result.final["metric"], "gaps": result.final["gaps"]}))
