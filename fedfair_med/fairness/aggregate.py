@@ -92,7 +92,7 @@ def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool)
         "sites": {s: {"n": int(v["n"]), "metric": v["metric"] / v["n"] if v["n"] else float("nan")}
                   for s, v in sites.items()},
         "groups": {a: {g: {"n": int(v["n"]), "metric": v["metric"] / v["n"] if v["n"] else float("nan"),
-                           "positive_rate": v["score"] / v["n"] if v["n"] else float("nan")}
+                           "mean_score": v["score"] / v["n"] if v["n"] else float("nan")}
                        for g, v in sorted(groups.items())}
                    for a, groups in sorted(attr_groups.items()) if a != "age"},
         "gaps": gaps,

@@ -1,4 +1,4 @@
-r"""Fairness gaps of a trained model, as defined in the FlexFair paper (Jiang et al.).
+r"""Fairness gaps of a trained model, as defined in the FlexFair paper (Xing et al., "Achieving flexible fairness metrics in federated medical imaging", Nature Communications 2025).
 
 Each gap is the largest absolute distance between a group's mean and the pooled mean:
 

@@ -1,6 +1,6 @@
 r"""The FlexFair penalty and the aggregate group statistics that make it federated.
 
-FlexFair (Jiang et al.) adds to the task loss a weighted variance of per-group risks:
+FlexFair (Xing et al., Nature Communications 2025) adds to the task loss a weighted variance of per-group risks:
 
 .. math::
 

@@ -99,10 +99,14 @@ def load_predictions(run_dir: Path) -> pd.DataFrame | None:
 
 
 def _task_field(config: Mapping[str, Any], key: str) -> Any:
+    """A fact about the run: top level, under ``resolved`` (what runtimes write) or ``task``."""
     if key in config:
         return config[key]
-    task = config.get("task")
-    return task.get(key) if isinstance(task, Mapping) else None
+    for section in ("resolved", "task"):
+        value = config.get(section)
+        if isinstance(value, Mapping) and key in value:
+            return value[key]
+    return None
 
 
 def infer_kind(config: Mapping[str, Any], predictions: pd.DataFrame) -> str:
