@@ -1,0 +1,248 @@
+"""Server side of the OpenFL runtime: the method's server hook as an OpenFL aggregation function.
+
+OpenFL 1.9 aggregates tensor by tensor (``AggregationFunction.call(local_tensors, db, name, round,
+tags)``); our methods aggregate whole state dicts (``Algorithm.aggregate(global_state, updates,
+server_state)``). :class:`MethodAggregation` bridges the two. It is *privileged* (OpenFL hands it
+the aggregator's whole tensor table), so the first ``trained`` tensor requested in a round
+rebuilds every reporting site's :class:`ClientUpdate` (model tensors, ``extra/*`` tensors, the
+``extra/__num_samples__`` weight), reads the round's global model and the serialised server state
+from the table, calls the method once — ``aggregate`` after a training phase, ``absorb_statistics``
+after a statistics phase — caches the result for the round and returns the requested tensor. The
+new server state is returned under :data:`SERVER_STATE`, so OpenFL stores it with the next model
+and collaborators receive it with the weights. Every other tensor (extras, summaries) is summed.
+
+:class:`FedFairAggregator` adds what OpenFL lacks around that: it writes the same run directory as
+the simulation (``run.yaml``, ``metrics.jsonl`` from the sites' evaluation summaries combined with
+:func:`combine_summaries`, ``model.pt`` with the *final* aggregate — ``save/last.pbuf`` holds the
+model that entered the last round — and ``report.json``), and records which sites dropped out of
+a round under the plan's straggler policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from openfl.component.aggregator.aggregator import Aggregator
+from openfl.interface.aggregation_functions.core.interface import AggregationFunction
+
+from fedfair_med.algorithms import REGISTRY, build_algorithm
+from fedfair_med.algorithms.base import ClientUpdate, StateDict
+from fedfair_med.fairness.aggregate import combine_summaries
+from fedfair_med.runtime.local import method_params
+from fedfair_med.runtime.openfl.protocol import (
+    EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
+    TRAINED_TAG, FederationSpec, pack_state, tables_to_summary, to_numpy, to_torch, unpack_state,
+)
+from fedfair_med.runtime.rundir import RunDirectory
+from fedfair_med.runtime.site import build_global_model, derive_seed
+from fedfair_med.tasks import build_task
+from fedfair_med.tasks.base import CLASSIFICATION
+
+logger = logging.getLogger(__name__)
+
+
+Rows = Mapping[tuple[str, frozenset], np.ndarray]
+
+
+def _round_rows(table: pd.DataFrame, fl_round: int) -> dict[tuple[str, frozenset], np.ndarray]:
+    """{(tensor name, set of tags): value} for one round of the aggregator's tensor table.
+
+    OpenFL keeps tags sorted (``('site-a', 'trained')``), so they are compared as sets.
+    """
+    rows = table[table["round"] == fl_round]
+    return {(str(n), frozenset(t)): np.asarray(v)
+            for n, t, v in zip(rows["tensor_name"], rows["tags"], rows["nparray"])}
+
+
+def site_tensors(rows: Rows, tag: str, site: str,
+                 prefix: str) -> dict[str, np.ndarray]:
+    """A site's tensors with ``tag`` whose names start with ``prefix`` (prefix removed)."""
+    return {name[len(prefix):]: value for (name, tags), value in rows.items()
+            if tags == frozenset((tag, site)) and name.startswith(prefix)}
+
+
+class MethodAggregation(AggregationFunction):
+    """Calls the method's server hook once per round and serves its result tensor by tensor."""
+
+    def __init__(self, spec: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__()
+        self._privileged = True  # OpenFL passes the whole tensor table, not an iterator
+        self.spec = FederationSpec.from_settings(spec)
+        self.config = self.spec.config()
+        task = build_task(self.config.task)
+        self.algorithm = build_algorithm(
+            self.config.method, **method_params(self.config, REGISTRY[self.config.method]))
+        self.model_keys = list(build_global_model(self.config, task).state_dict())
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def call(self, local_tensors: list[Any], db_iterator: Any, tensor_name: str, fl_round: int,
+             tags: tuple[str, ...]) -> np.ndarray:
+        if TRAINED_TAG not in tags:
+            # extras and summaries: a plain sum (the aggregator reads per-site values itself)
+            return np.sum([np.asarray(t.tensor) for t in local_tensors], axis=0)
+        if fl_round not in self._cache:
+            sites = sorted(t.col_name for t in local_tensors)
+            self._cache = {fl_round: self._aggregate_round(db_iterator, fl_round, sites)}
+        return self._cache[fl_round][tensor_name]
+
+    def _aggregate_round(self, table: pd.DataFrame, fl_round: int, sites: list[str]) -> dict[str, np.ndarray]:
+        rows = _round_rows(table, fl_round)
+        global_state: StateDict = {k: to_torch(rows[(k, frozenset((MODEL_TAG,)))]) for k in self.model_keys}
+        server_state = unpack_state(rows[(SERVER_STATE, frozenset((MODEL_TAG,)))])
+        schedule = self.spec.schedule
+        stats_round, train_round = schedule.statistics_round(fl_round), schedule.train_round(fl_round)
+        if stats_round is not None:
+            if self.algorithm.wants_statistics(stats_round, server_state):
+                statistics = {s: {k: to_torch(v) for k, v in
+                                  site_tensors(rows, EXTRA_TAG, s, EXTRA_PREFIX).items()}
+                              for s in sites}
+                server_state = self.algorithm.absorb_statistics(server_state, statistics)
+            new_state = global_state
+        elif train_round is not None:
+            updates = {}
+            for s in sites:
+                extras = {k: to_torch(v) for k, v in site_tensors(rows, EXTRA_TAG, s, EXTRA_PREFIX).items()}
+                num_samples = int(extras.pop(NUM_SAMPLES[len(EXTRA_PREFIX):]).item())
+                state = {k: to_torch(rows[(k, frozenset((TRAINED_TAG, s)))]) for k in self.model_keys}
+                updates[s] = ClientUpdate(state=state, num_samples=num_samples, extras=extras)
+            torch.manual_seed(derive_seed(self.config.seed, train_round, "server"))
+            new_state, server_state = self.algorithm.aggregate(global_state, updates, server_state)
+        else:
+            raise RuntimeError(f"OpenFL round {fl_round} has no training or statistics phase")
+        out = {k: to_numpy(new_state[k]) for k in self.model_keys}
+        out[SERVER_STATE] = pack_state(server_state)
+        return out
+
+
+class FedFairAggregator(Aggregator):
+    """OpenFL's aggregator plus our run directory, final-model export and drop-out record."""
+
+    def __init__(self, *args: Any, spec: Mapping[str, Any], run_dir: str = "run", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spec = FederationSpec.from_settings(spec)
+        self.config = self.spec.config()
+        self.classification = build_task(self.config.task).kind == CLASSIFICATION
+        self.model_keys = list(build_global_model(self.config, build_task(self.config.task)).state_dict())
+        self.rundir = RunDirectory(Path(run_dir), self.config)
+        self.finished = False
+        self.failure: str | None = None
+        self._last_record: dict[str, Any] | None = None
+        self.dropped: dict[int, list[str]] = {}
+        self._train: dict[int, dict[str, float]] = {}
+        self._started = time.perf_counter()
+
+    def _end_of_round_check(self) -> None:
+        k = self.round_number
+        if k >= len(self._end_of_round_check_done) or self._end_of_round_check_done[k]:
+            return
+        done = sorted(self.collaborators_done)
+        missing = sorted(set(self.authorized_cols) - set(done))
+        rows = _round_rows(self.tensor_db.tensor_db, k)
+        final_model = ({name: rows[(name, frozenset((MODEL_TAG,)))] for name in self.model_keys}
+                       if k == self.rounds_to_train - 1 else None)
+        try:
+            super()._end_of_round_check()
+            self._record(k, done, missing, rows)
+            if final_model is not None:
+                self._finish(final_model)
+        except Exception as err:  # surfaced by run_aggregator, which stops the federation
+            logger.exception("round %d failed", k)
+            self.failure = f"OpenFL round {k} failed: {type(err).__name__}: {err}"
+            raise
+
+    def _record(self, k: int, done: list[str], missing: list[str],
+                rows: Rows) -> None:
+        schedule = self.spec.schedule
+        for method_round in (schedule.statistics_round(k), schedule.train_round(k)):
+            if method_round is not None and missing:
+                self.dropped.setdefault(method_round, [])
+                self.dropped[method_round] = sorted(set(self.dropped[method_round]) | set(missing))
+        train_round = schedule.train_round(k)
+        if train_round is not None:
+            self._train[train_round] = {
+                s: float(site_tensors(rows, EXTRA_TAG, s, EXTRA_PREFIX)["loss"]) for s in done}
+        evaluated = schedule.evaluated_round(k)
+        if evaluated is None:
+            return
+        summaries = {s: tables_to_summary(site_tensors(rows, SUMMARY_TAG, s, SUMMARY_PREFIX),
+                                          self.spec.vocabularies) for s in done}
+        record: dict[str, Any] = {
+            "round": evaluated,
+            "elapsed_s": round(time.perf_counter() - self._started, 3),
+            "train_loss": self._train.get(evaluated, {}),
+            **combine_summaries(summaries, classification=self.classification),
+        }
+        dropped = sorted(set(self.dropped.get(evaluated, [])) | set(missing))
+        if dropped:
+            record["dropped"] = dropped
+            self.dropped[evaluated] = dropped
+        self.rundir.log_round(record)
+        self._last_record = record
+        logger.info("round %d: metric %.4f", evaluated, record["metric"])
+
+    def _finish(self, final_model: Mapping[str, np.ndarray]) -> None:
+        self.rundir.save_model({k: to_torch(v) for k, v in final_model.items()})
+        self.rundir.write_json("federation.json", {
+            "sites": self.spec.sites,
+            "dropped": {str(r): s for r, s in sorted(self.dropped.items())},
+            "openfl_rounds": self.rounds_to_train,
+        })
+        if self._last_record is not None:
+            self.rundir.write_json("report.json", federated_report(self._last_record, self.config,
+                                                                   self.spec.sites))
+        try:
+            from fedfair_med.reporting.render import write_reports
+
+            write_reports(self.rundir.path)
+        except Exception as err:  # a report failure must not lose the finished run
+            logger.warning("could not write the report: %s", err)
+        self.finished = True
+
+
+def federated_report(record: Mapping[str, Any], config: Any, sites: list[str],
+                     min_group_size: int = 10) -> dict[str, Any]:
+    """``report.json`` from the final round's combined summaries.
+
+    Same keys as the simulation's report; without confidence intervals, which need per-sample
+    values that never leave a site.
+    """
+    task = build_task(config.task)
+    groups = [{"attribute": "site", "group": s, "n": v["n"], "metric": v["metric"], "ci95": [None, None],
+               "small": v["n"] < min_group_size} for s, v in record["sites"].items()]
+    for attribute, table in record["groups"].items():
+        if attribute == "site":
+            continue
+        for group, v in table.items():
+            groups.append({"attribute": attribute, "group": group, "n": v["n"], "metric": v["metric"],
+                           "ci95": [None, None], "small": v["n"] < min_group_size})
+    warnings = ["federated run: metrics come from per-site aggregate summaries; no bootstrap "
+                "confidence intervals (per-sample predictions stay at each site)"]
+    warnings += [f"{g['attribute']}={g['group']} has only {g['n']} samples (< {min_group_size})"
+                 for g in groups if g["small"]]
+    if record.get("dropped"):
+        warnings.append(f"site(s) {', '.join(record['dropped'])} dropped out of the final round")
+    return {
+        "primary_metric": task.primary_metric,
+        "kind": task.kind,
+        "overall": {"n": record["n"], "metric": record["metric"], "ci95": [None, None]},
+        "groups": groups,
+        "gaps": record["gaps"],
+        "definitions": {},
+        "warnings": warnings,
+        "settings": {"sites": sites, "min_group_size": min_group_size, "source": "openfl"},
+    }
+
+
+def dropped_sites(run_dir: Path) -> dict[str, list[str]]:
+    """Which sites dropped out of which method round (from ``federation.json``)."""
+    path = Path(run_dir) / "federation.json"
+    return json.loads(path.read_text())["dropped"] if path.exists() else {}
+
+

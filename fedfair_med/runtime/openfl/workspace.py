@@ -1,0 +1,372 @@
+"""Render a federation's OpenFL workspace from a method's plan template, and run its PKI.
+
+``init_federation`` resolves a :class:`RunConfig` (template defaults < ``--config`` file < flags),
+validates it, fixes what every party must agree on — sites, the group vocabularies the
+fixed-size summaries use, the phase schedule — and writes::
+
+    workspaces/NAME/
+      plan/plan.yaml, plan/cols.yaml   rendered plan (its hash is the federation id)
+      save/init.pbuf                   round-0 model + initial server state
+      cert/                            certificate authority, the aggregator's key and certificate
+      bundles/<site>/ and <site>.zip   what each hospital receives: plan, CA chain, its name
+      certified/                       signed site certificates, to send back
+
+The PKI is OpenFL's own offline flow (``fx workspace certify`` / ``fx aggregator certify`` /
+``fx collaborator generate-cert-request`` / ``certify``) called as the Python functions those
+commands use, so a hospital never types ``fx``: a root CA signs a signing CA, which signs the
+aggregator's and each site's certificate; only a site's *request* leaves the hospital, never its
+key. ``certify_request`` refuses any common name that is not a site of the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import yaml
+
+from fedfair_med.algorithms import REGISTRY, build_algorithm
+from fedfair_med.config import ConfigError, RunConfig
+from fedfair_med.data.federation import age_band
+from fedfair_med.runtime.local import method_params
+from fedfair_med.runtime.openfl.protocol import (
+    EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state, to_numpy,
+)
+from fedfair_med.runtime.site import build_global_model, resolve
+from fedfair_med.tasks import build_task
+
+PLAN_DIR = Path(__file__).resolve().parent / "plans"
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SYNTHETIC_TASKS = ("synthetic-seg", "synthetic-cls")
+
+
+class FederationError(ValueError):
+    """A problem with a federation's set-up that the user can fix (one line, no traceback)."""
+
+
+def available_methods() -> list[str]:
+    return sorted(p.stem for p in PLAN_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+# ---- plan rendering --------------------------------------------------------------------
+def render_template(method: str, **context: Any) -> dict[str, Any]:
+    """Render ``plans/<method>.yaml`` (which extends ``_base.yaml``) into a plan mapping."""
+    if method not in available_methods():
+        raise FederationError(f"no plan template for method {method!r}; choose one of {available_methods()}")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(PLAN_DIR)),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.get_template(f"{method}.yaml").render(**context)
+    return yaml.safe_load(text)
+
+
+def _vocabularies(config: RunConfig, sites: Sequence[str]) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """(vocabulary per summary attribute, the training group vocabulary, the site attributes).
+
+    Synthetic federations are public and seeded, so the vocabularies are read from them (the same
+    way the simulation does). For real tasks they follow the manifest conventions: sex is
+    normalised to female/male and age bands come from ``age_edges``. Age itself is never a
+    summary attribute (the metrics ignore it, and its values are nearly per-sample).
+    """
+    task = build_task(config.task)
+    if config.task in SYNTHETIC_TASKS:
+        federation = task.load_federation(seed=config.seed, **config.data)
+        unknown = sorted(set(sites) - set(federation.site_names))
+        if unknown:
+            raise FederationError(f"{config.task} has sites {federation.site_names}; "
+                                  f"unknown site(s) {unknown}")
+        attributes = list(config.attributes) if config.attributes is not None else list(federation.attributes)
+        vocab = {a: federation.group_vocabulary(a) for a in ["site", *attributes] if a != "age"}
+        vocab["site"] = list(sites)
+        group_vocabulary = federation.group_vocabulary(config.attribute)
+        if config.attribute == "site":
+            group_vocabulary = list(sites)
+        return vocab, group_vocabulary, attributes
+    edges = [float(e) for e in config.age_edges]
+    known = {"site": list(sites), "sex": ["female", "male"],
+             "age_band": sorted({age_band(v, edges) for v in [*(e - 1 for e in edges), *edges, edges[-1] + 1]})}
+    attributes = list(config.attributes) if config.attributes is not None else ["sex", "age", "age_band"]
+    vocab = {a: known[a] for a in ["site", *attributes] if a in known}
+    if config.attribute not in vocab:
+        raise FederationError(f"attribute {config.attribute!r}: no agreed vocabulary for a federation; "
+                              f"use one of {sorted(vocab)}")
+    return vocab, vocab[config.attribute], attributes
+
+
+@dataclass
+class RenderedPlan:
+    plan: dict[str, Any]
+    config: RunConfig
+    spec: dict[str, Any]
+
+
+def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "127.0.0.1",
+                port: int = 50051, overrides: Mapping[str, Any] | None = None,
+                straggler_cutoff_s: float | None = None, min_sites: int | None = None,
+                poll_interval_s: float = 0.2) -> RenderedPlan:
+    """The complete plan for ``method`` with ``overrides`` (RunConfig keys) applied and checked."""
+    sites = list(sites)
+    bad = [s for s in sites if not SITE_NAME.match(s)]
+    if bad or len(set(sites)) != len(sites) or len(sites) < 1:
+        raise FederationError(f"sites must be distinct names of letters, digits, '-', '_' or '.'; got {sites}")
+    if straggler_cutoff_s is not None and straggler_cutoff_s <= 0:
+        raise FederationError("the straggler cutoff must be a positive number of seconds")
+    min_sites = len(sites) if min_sites is None else int(min_sites)
+    if not 1 <= min_sites <= len(sites):
+        raise FederationError(f"min-sites must be between 1 and {len(sites)}")
+    plan = render_template(method, host=host, port=int(port), sites=sites,
+                           straggler_cutoff_s=straggler_cutoff_s, min_sites=min_sites,
+                           poll_interval_s=poll_interval_s)
+    method_block = plan["fedfair"]["settings"].pop("method")
+    raw = {**method_block, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    raw["task"] = task
+    raw["runtime"] = "openfl"
+    params = dict(method_block.get("method_params") or {})
+    params.update((overrides or {}).get("method_params") or {})
+    raw["method_params"] = params
+    try:
+        config = RunConfig(**raw).validate()
+    except TypeError as err:
+        raise FederationError(f"configuration: {err}") from None
+    except ConfigError as err:
+        raise FederationError(str(err).replace("\n", " ")) from None
+    task_obj = build_task(config.task)
+    rounds = resolve(config, task_obj).rounds
+    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
+    model = build_global_model(config, task_obj)
+    state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    server0 = algorithm.init_server_state(state0, sites)
+    statistics = any(algorithm.wants_statistics(r, server0) for r in range(1, rounds + 1))
+    schedule = Schedule(rounds, statistics)
+    vocab, group_vocab, attributes = _vocabularies(config, sites)
+    spec = {"run": config.to_dict(), "sites": sites, "vocabularies": vocab,
+            "group_vocabulary": group_vocab, "attributes": attributes,
+            "schedule": {"rounds": rounds, "statistics": statistics}}
+    plan["aggregator"]["settings"]["rounds_to_train"] = schedule.openfl_rounds
+    plan["aggregator"]["settings"]["spec"] = spec
+    plan["assigner"]["settings"]["schedule"] = spec["schedule"]
+    for name in (TRAIN, EVALUATE, STATISTICS):
+        plan["tasks"][name]["aggregation_type"]["settings"]["spec"] = spec
+    if not statistics:
+        plan["tasks"].pop(STATISTICS)
+    plan["fedfair"]["settings"]["spec"] = spec
+    return RenderedPlan(plan=plan, config=config, spec=spec)
+
+
+def write_initial_model(rendered: RenderedPlan, path: Path) -> None:
+    """``save/init.pbuf``: round-0 weights (seeded as in the simulation) + initial server state."""
+    from openfl.protocols import utils
+
+    from fedfair_med.runtime.openfl.protocol import SERVER_STATE
+
+    config = rendered.config
+    task = build_task(config.task)
+    model = build_global_model(config, task)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
+    tensors = {k: to_numpy(v) for k, v in state.items()}
+    tensors[SERVER_STATE] = pack_state(algorithm.init_server_state(state, list(rendered.spec["sites"])))
+    proto = utils.construct_model_proto(tensors, 0, LosslessPipeline())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    utils.dump_proto(proto, str(path))
+
+
+def dump_plan(plan: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(plan), sort_keys=False))
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    if not Path(path).exists():
+        raise FederationError(f"{path}: no plan here")
+    return yaml.safe_load(Path(path).read_text())
+
+
+def plan_spec(plan: Mapping[str, Any]) -> dict[str, Any]:
+    return plan["fedfair"]["settings"]["spec"]
+
+
+# ---- PKI -------------------------------------------------------------------------------
+def _write_pem(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+
+
+def _key_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(encoding=serialization.Encoding.PEM,
+                             format=serialization.PrivateFormat.TraditionalOpenSSL,
+                             encryption_algorithm=serialization.NoEncryption())
+
+
+def _cert_pem(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(encoding=serialization.Encoding.PEM)
+
+
+def create_certificate_authority(cert_dir: Path) -> Path:
+    """Root CA → signing CA → ``cert_chain.crt`` (what ``fx workspace certify`` makes)."""
+    from openfl.cryptography.ca import generate_root_cert, generate_signing_csr, sign_certificate
+
+    root_key, root_cert = generate_root_cert()
+    signing_key, signing_csr = generate_signing_csr()
+    signing_cert = sign_certificate(signing_csr, root_key, root_cert.subject, ca=True)
+    _write_pem(cert_dir / "ca/root-ca.crt", _cert_pem(root_cert))
+    _write_pem(cert_dir / "ca/root-ca/private/root-ca.key", _key_pem(root_key), private=True)
+    _write_pem(cert_dir / "ca/signing-ca.crt", _cert_pem(signing_cert))
+    _write_pem(cert_dir / "ca/signing-ca/private/signing-ca.key", _key_pem(signing_key), private=True)
+    chain = cert_dir / "cert_chain.crt"
+    chain.write_bytes(_cert_pem(root_cert) + _cert_pem(signing_cert))
+    return chain
+
+
+def _signing_ca(cert_dir: Path) -> tuple[Any, Any]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key_path = cert_dir / "ca/signing-ca/private/signing-ca.key"
+    if not key_path.exists():
+        raise FederationError(f"{cert_dir}: no certificate authority here (run init-federation first)")
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate((cert_dir / "ca/signing-ca.crt").read_bytes())
+    return key, cert
+
+
+def certify_aggregator(cert_dir: Path, host: str) -> tuple[Path, Path]:
+    """The aggregator's key and server certificate, named as OpenFL's plan expects."""
+    from openfl.cryptography.ca import sign_certificate
+    from openfl.cryptography.participant import generate_csr
+
+    common_name = host.lower()
+    key, csr = generate_csr(common_name, server=True)
+    signing_key, signing_cert = _signing_ca(cert_dir)
+    cert = sign_certificate(csr, signing_key, signing_cert.subject)
+    crt_path, key_path = cert_dir / f"server/agg_{common_name}.crt", cert_dir / f"server/agg_{common_name}.key"
+    _write_pem(crt_path, _cert_pem(cert))
+    _write_pem(key_path, _key_pem(key), private=True)
+    return crt_path, key_path
+
+
+def make_certificate_request(bundle: Path, name: str) -> Path:
+    """At the hospital: a new private key (kept) and a certificate request (to send)."""
+    from cryptography.hazmat.primitives import serialization
+    from openfl.cryptography.participant import generate_csr
+
+    key, csr = generate_csr(name, server=False)
+    _write_pem(bundle / f"cert/client/col_{name}.key", _key_pem(key), private=True)
+    request = bundle / f"cert/client/col_{name}.csr"
+    _write_pem(request, csr.public_bytes(serialization.Encoding.PEM))
+    return request
+
+
+def request_name(request: Path) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        csr = x509.load_pem_x509_csr(Path(request).read_bytes())
+    except (OSError, ValueError) as err:
+        raise FederationError(f"{request}: not a certificate request ({err})") from None
+    if not csr.is_signature_valid:
+        raise FederationError(f"{request}: the request's signature is invalid")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise FederationError(f"{request}: the request must name exactly one site")
+    return str(names[0].value)
+
+
+def certify_request(workspace: Path, request: Path) -> Path:
+    """At the coordinating centre: sign a site's request — only for a site named in the plan."""
+    from cryptography import x509
+    from openfl.cryptography.ca import sign_certificate
+
+    workspace = Path(workspace)
+    sites = plan_spec(load_plan(workspace / "plan/plan.yaml"))["sites"]
+    name = request_name(request)
+    if name not in sites:
+        raise FederationError(f"refusing to certify {name!r}: it is not a site of this federation "
+                              f"(sites: {', '.join(sites)})")
+    csr = x509.load_pem_x509_csr(Path(request).read_bytes())
+    signing_key, signing_cert = _signing_ca(workspace / "cert")
+    cert = sign_certificate(csr, signing_key, signing_cert.subject)
+    target = workspace / f"certified/col_{name}.crt"
+    _write_pem(target, _cert_pem(cert))
+    return target
+
+
+# ---- the whole workspace ----------------------------------------------------------------
+@dataclass
+class FederationWorkspace:
+    path: Path
+    plan: Path
+    bundles: dict[str, Path]
+    config: RunConfig
+    spec: dict[str, Any]
+
+
+def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
+                    host: str = "127.0.0.1", port: int = 50051,
+                    overrides: Mapping[str, Any] | None = None,
+                    workspaces_dir: Path = Path("workspaces"),
+                    straggler_cutoff_s: float | None = None, min_sites: int | None = None,
+                    poll_interval_s: float = 0.2, force: bool = False) -> FederationWorkspace:
+    if not SITE_NAME.match(name):
+        raise FederationError(f"federation name {name!r}: use letters, digits, '-', '_' or '.'")
+    root = Path(workspaces_dir) / name
+    if root.exists() and any(root.iterdir()):
+        if not force:
+            raise FederationError(f"{root} already exists; choose another name or remove it")
+        shutil.rmtree(root)
+    rendered = render_plan(method, task=task, sites=sites, host=host, port=port, overrides=overrides,
+                           straggler_cutoff_s=straggler_cutoff_s, min_sites=min_sites,
+                           poll_interval_s=poll_interval_s)
+    plan_path = root / "plan/plan.yaml"
+    dump_plan(rendered.plan, plan_path)
+    (root / "plan/cols.yaml").write_text(yaml.safe_dump({"collaborators": list(sites)}))
+    (root / "plan/data.yaml").write_text("".join(f"{s},{s}\n" for s in sites))
+    write_initial_model(rendered, root / "save/init.pbuf")
+    create_certificate_authority(root / "cert")
+    certify_aggregator(root / "cert", host)
+    bundles = {}
+    for site in sites:
+        bundle = root / "bundles" / site
+        for rel in ("plan/plan.yaml", "plan/cols.yaml"):
+            (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, bundle / rel)
+        (bundle / "cert").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / "cert/cert_chain.crt", bundle / "cert/cert_chain.crt")
+        (bundle / "site.json").write_text(json.dumps({"site": site, "federation": name}, indent=2))
+        shutil.make_archive(str(bundle), "zip", root_dir=bundle)
+        bundles[site] = bundle
+    return FederationWorkspace(root, plan_path, bundles, rendered.config, rendered.spec)
+
+
+def open_bundle(bundle: Path) -> Path:
+    """A bundle directory, unpacking a ``.zip`` next to itself first."""
+    bundle = Path(bundle)
+    if bundle.suffix == ".zip":
+        if not bundle.exists():
+            raise FederationError(f"{bundle}: no such bundle")
+        target = bundle.with_suffix("")
+        shutil.unpack_archive(str(bundle), str(target))
+        bundle = target
+    if not (bundle / "plan/plan.yaml").exists() or not (bundle / "site.json").exists():
+        raise FederationError(f"{bundle}: not a site bundle (no plan/plan.yaml and site.json)")
+    return bundle
+
+
+def bundle_site(bundle: Path) -> str:
+    return json.loads((Path(bundle) / "site.json").read_text())["site"]
+
+
+def package_resources() -> list[str]:  # for packaging checks
+    return [p.name for p in resources.files(__package__).joinpath("plans").iterdir()]
