@@ -43,6 +43,8 @@ class RunConfig:
     attributes: list[str] | None = None
     age_edges: list[float] = field(default_factory=lambda: [60.0])
     runtime: str = "local"
+    #: Differential privacy (see docs/privacy.md); empty = off, the run's numbers are unchanged.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,6 +75,7 @@ class RunConfig:
             Criterion(self.criterion, self.attribute)
         except ValueError as err:
             problems.append(f"criterion: {err}")
+        problems.extend(self._privacy_problems(REGISTRY))
         if not problems and self.method in REGISTRY:
             try:
                 REGISTRY[self.method](**self.method_params)
@@ -81,6 +84,28 @@ class RunConfig:
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return self
+
+    def _privacy_problems(self, registry: Mapping[str, Any]) -> list[str]:
+        """The ``privacy`` option is valid and protects something this method actually shares."""
+        from fedfair_med.privacy.settings import parse_privacy, privacy_problems
+
+        problems = privacy_problems(self.privacy)
+        if problems or self.method not in registry:
+            return problems
+        settings = parse_privacy(self.privacy)
+        if settings.protects_statistics and not hasattr(registry[self.method], "statistics_privacy"):
+            problems.append(f"privacy.statistics_epsilon: method {self.method!r} shares no group "
+                            "statistics (only flexfair and fairfed do); use privacy.dp_sgd to "
+                            "protect its model updates")
+        if settings.dp_sgd is not None and self.method not in DP_SGD_METHODS:
+            problems.append(f"privacy.dp_sgd: not supported for method {self.method!r} (its local "
+                            "step changes gradients outside per-sample clipping, or mixes samples); "
+                            f"use one of {list(DP_SGD_METHODS)}")
+        return problems
+
+
+#: Methods whose local loss is a mean of per-sample terms, so DP-SGD's per-sample clipping covers it.
+DP_SGD_METHODS = ("fedavg", "flexfair", "fairfed")
 
 
 def load_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> RunConfig:

@@ -61,6 +61,9 @@ class SiteContext:
     round: int
     num_groups: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: DP-SGD hook set by the runtime (``fedfair_med.privacy.dpsgd.DPSGDSession``), else None:
+    #: ``attach(model, optimizer, loader)`` returns private replacements, ``detach(model)`` undoes.
+    private_training: Any = None
 
 
 @dataclass
@@ -251,11 +254,14 @@ class Algorithm:
         work_model = self.prepare_model(model, ctx)
         work_model.train()
         optimizer = self.make_optimizer(work_model, ctx.settings)
+        loader = ctx.loader
+        if ctx.private_training is not None:
+            work_model, optimizer, loader = ctx.private_training.attach(work_model, optimizer, loader)
         start_state = {k: v.detach().clone() for k, v in global_state.items()}
         steps, loss_sum = 0, 0.0
         done = False
         for _epoch in range(ctx.settings.epochs):
-            for batch in ctx.loader:
+            for batch in loader:
                 batch = move_batch(batch, ctx.device)
                 optimizer.zero_grad(set_to_none=True)
                 logits = work_model(batch["image"])
@@ -281,6 +287,8 @@ class Algorithm:
                     break
             if done:
                 break
+        if ctx.private_training is not None:
+            work_model = ctx.private_training.detach(work_model)
         model = self.finish_model(work_model, ctx)
         extras = self.client_extras(ctx, start_state, model, steps, site_state)
         extras.setdefault("steps", torch.tensor(float(steps)))

@@ -29,6 +29,12 @@ per-group counts (shape (G,)), the summed task loss and its sample count (scalar
 
 The server cannot see the criterion through the statistics, so it is a constructor parameter,
 ``criterion`` (default ``"ea"``): runtimes pass the run's criterion name when they build FairFed.
+
+With ``statistics_privacy`` set (the run's ``privacy`` option), each sample's risk and task loss
+are clipped to [0, C] and the group sums, group counts and loss sum get Gaussian noise in one
+release before they leave the site (:func:`fedfair_med.privacy.privatize_group_statistics`, with
+one extra whole-site sum); the server clamps noisy counts ≥ 1e-6 and sums to [0, C·count] before
+dividing. ``num_samples`` (the site's size, also the FedAvg weight) is not noised.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from fedfair_med.algorithms.base import (
 )
 from fedfair_med.fairness.criteria import CRITERIA
 from fedfair_med.fairness.penalty import GroupStatistics, group_sums
+from fedfair_med.privacy.mechanism import clamp_noisy_statistics, clip_risk, privatize_group_statistics
+from fedfair_med.privacy.settings import StatisticsPrivacy
 
 WEIGHT_KEY = "fairfed/weight/"
 DELTA_KEY = "fairfed/delta/"
@@ -59,6 +67,8 @@ class FairFed(Algorithm):
     """FedAvg with fairness-aware aggregation weights (see module docstring)."""
 
     name = "fairfed"
+    #: Clip, σ and seed for DP statistics; None (default) shares exact statistics.
+    statistics_privacy: StatisticsPrivacy | None = None
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -89,12 +99,15 @@ class FairFed(Algorithm):
             for s, u in updates.items()
         }
         if all(statistics.values()):
+            if self.statistics_privacy is not None:
+                statistics = {s: self._clamp_noisy(v) for s, v in statistics.items()}
             server_state = self.absorb_statistics(server_state, statistics)
         return super().aggregate(global_state, updates, server_state)
 
     @torch.no_grad()
     def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:
         """Per-group risk sums and counts (G,), summed task loss and sample count of the global model."""
+        privacy = self.statistics_privacy
         was_training = model.training
         model.eval()
         stats = GroupStatistics.zeros(ctx.num_groups)
@@ -105,18 +118,39 @@ class FairFed(Algorithm):
                 logits = model(batch["image"])
                 risk = ctx.objective.sample_risk(logits, batch)
                 mask = ctx.objective.risk_mask(batch)
+                if privacy is not None:
+                    risk = clip_risk(risk, privacy.clip)
                 stats = stats + group_sums(risk.cpu(), batch["group"].cpu(), ctx.num_groups, mask.cpu())
                 size = int(batch["image"].shape[0])
+                if privacy is not None:  # per-sample losses, each clipped to [0, C]
+                    loss_sum += float(sum(
+                        min(max(float(ctx.objective.task_loss(logits[i:i + 1], _sample(batch, i))), 0.0),
+                            privacy.clip)
+                        for i in range(size)))
+                    continue
                 # task_loss is a batch mean over equally sized samples, so × size is the batch sum
                 loss_sum += float(ctx.objective.task_loss(logits, batch)) * size
         finally:
             model.train(was_training)
+        if privacy is not None:
+            sums, counts, loss = privatize_group_statistics(
+                stats.sums, stats.counts, clip=privacy.clip, sigma=privacy.sigma,
+                generator=privacy.generator(ctx.round, ctx.site), extra_sums=loss_sum.reshape(1))
+            stats, loss_sum = GroupStatistics(sums, counts), loss.reshape(())
         return {
             "group_sums": stats.sums,
             "group_counts": stats.counts,
             "loss_sum": loss_sum,
             "num_samples": torch.tensor(float(num_examples(ctx.loader)), dtype=torch.float64),
         }
+
+    def _clamp_noisy(self, statistics: StateDict) -> StateDict:
+        """Server post-processing of one site's noisy statistics: counts ≥ 1e-6, sums in range."""
+        clip = self.statistics_privacy.clip  # type: ignore[union-attr]
+        sums, counts = clamp_noisy_statistics(statistics["group_sums"], statistics["group_counts"], clip)
+        n = statistics["num_samples"].to(torch.float64)
+        loss = statistics["loss_sum"].to(torch.float64).clamp(min=0.0).minimum(clip * n)
+        return {**statistics, "group_sums": sums, "group_counts": counts, "loss_sum": loss}
 
     def absorb_statistics(
         self, server_state: StateDict, statistics: Mapping[str, StateDict]
@@ -197,3 +231,8 @@ class FairFed(Algorithm):
             if sum(weights.values()) > 0:
                 return weights
         return super().aggregation_weights(updates, server_state)
+
+
+def _sample(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """The i-th sample of a collated batch, still batched (size 1)."""
+    return {k: (v[i:i + 1] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in batch.items()}

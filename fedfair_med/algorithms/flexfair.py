@@ -16,6 +16,11 @@ extra forward pass) or *carried* (accumulated during the previous round's traini
 pass; the first round trains on the task loss alone, as there are no statistics yet).
 Carried statistics need no extra exchange, so they run unchanged over OpenFL. Sites send 2K
 numbers per round.
+
+With ``statistics_privacy`` set (the run's ``privacy`` option), each sample's risk is clipped to
+[0, C] and the 2K numbers get Gaussian noise before they leave the site
+(:func:`fedfair_med.privacy.privatize_group_statistics`); the server clamps the pooled noisy
+counts ≥ 1e-6 and sums to [0, C·count] before dividing.
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ from fedfair_med.algorithms.base import Algorithm, ClientUpdate, SiteContext, St
 from fedfair_med.fairness.penalty import (
     WEIGHTINGS, GroupStatistics, group_sums, sample_coefficients, surrogate_penalty,
 )
+from fedfair_med.privacy.mechanism import clamp_noisy_statistics, clip_risk, privatize_group_statistics
+from fedfair_med.privacy.settings import StatisticsPrivacy
 
 SUMS, COUNTS, COEF, TOTAL = "flexfair.sums", "flexfair.counts", "flexfair.coef", "flexfair.total"
 
 
 class FlexFair(Algorithm):
     name = "flexfair"
+    #: Clip, σ and seed for DP group statistics; None (default) shares exact statistics.
+    statistics_privacy: StatisticsPrivacy | None = None
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -58,6 +67,9 @@ class FlexFair(Algorithm):
 
     def _with_coefficients(self, server_state: StateDict, stats: GroupStatistics,
                            total: float) -> StateDict:
+        if self.statistics_privacy is not None:
+            stats = GroupStatistics(*clamp_noisy_statistics(stats.sums, stats.counts,
+                                                            self.statistics_privacy.clip))
         coef = sample_coefficients(stats, total, self.params["weighting"])
         return {**server_state, COEF: coef, SUMS: stats.sums, COUNTS: stats.counts,
                 TOTAL: torch.tensor(total, dtype=torch.float64)}
@@ -85,11 +97,24 @@ class FlexFair(Algorithm):
             logits = model(batch["image"])
             acc = acc + self._batch_stats(batch, logits, ctx)
             n += len(batch["group"])
+        acc = self._privatize(acc, ctx, passes=1)
         return {SUMS: acc.sums, COUNTS: acc.counts, TOTAL: torch.tensor(float(n))}
+
+    def _privatize(self, stats: GroupStatistics, ctx: SiteContext, passes: int) -> GroupStatistics:
+        """The Gaussian mechanism on (sums, counts) when privacy is on; else unchanged."""
+        privacy = self.statistics_privacy
+        if privacy is None:
+            return stats
+        sums, counts = privatize_group_statistics(
+            stats.sums, stats.counts, clip=privacy.clip, sigma=privacy.sigma,
+            generator=privacy.generator(ctx.round, ctx.site), passes=passes)
+        return GroupStatistics(sums, counts)
 
     def _batch_stats(self, batch: Mapping[str, Any], logits: torch.Tensor,
                      ctx: SiteContext) -> GroupStatistics:
         risk = ctx.objective.sample_risk(logits, batch)
+        if self.statistics_privacy is not None:
+            risk = clip_risk(risk.detach(), self.statistics_privacy.clip)
         return group_sums(risk, batch["group"], ctx.num_groups, ctx.objective.risk_mask(batch))
 
     def on_round_start(self, ctx: SiteContext, model: nn.Module, broadcast: StateDict,
@@ -115,6 +140,8 @@ class FlexFair(Algorithm):
                       steps: int, site_state: StateDict) -> StateDict:
         if self.params["statistics"] != "carried":
             return {}
+        # a sample enters the carried sums once per local epoch
+        self._acc = self._privatize(self._acc, ctx, passes=max(int(ctx.settings.epochs), 1))
         return {SUMS: self._acc.sums, COUNTS: self._acc.counts,
                 TOTAL: torch.tensor(float(self._seen))}
 

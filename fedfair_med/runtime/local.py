@@ -22,6 +22,7 @@ from fedfair_med.algorithms import build_algorithm
 from fedfair_med.algorithms.base import Algorithm, ClientUpdate, StateDict, float_state
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.aggregate import combine_summaries
+from fedfair_med.privacy.settings import PrivacyLedger
 from fedfair_med.runtime.rundir import RunDirectory
 from fedfair_med.runtime.site import SiteRunner, build_global_model, derive_seed, resolve
 from fedfair_med.tasks import build_task
@@ -93,6 +94,9 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [s.name for s in sites])
     rounds = resolved.rounds
+    ledger = PrivacyLedger.from_option(config.privacy, rounds=rounds, seed=config.seed)
+    if ledger.statistics is not None:  # noise the group statistics before they leave each site
+        algorithm.statistics_privacy = ledger.statistics  # type: ignore[attr-defined]
     classification = task.kind == CLASSIFICATION
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -117,6 +121,8 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
             **combine_summaries({k: v[1] for k, v in evaluations.items()},
                                 classification=classification),
         }
+        if ledger.active:  # the budget spent so far
+            record["privacy"] = ledger.round_record(r, _dp_sgd_epsilon(sites))
         rundir.log_round(record)
         history.append(record)
         progress.round_finished(r, record)
@@ -124,8 +130,14 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
     predictions = pd.concat([v[0] for v in evaluations.values()], ignore_index=True)
     rundir.save_predictions(predictions)
     rundir.save_model(global_state)
+    if ledger.active:
+        rundir.write_json("privacy.json", ledger.summary(rounds, _dp_sgd_epsilon(sites)))
     from fedfair_med.reporting.render import write_reports
 
     write_reports(rundir.path)
     return RunResult(path=rundir.path, final=history[-1], history=history,
                      predictions=predictions, state=global_state)
+
+def _dp_sgd_epsilon(sites: list[SiteRunner]) -> dict[str, float]:
+    """Each site's DP-SGD ε so far (empty when DP-SGD is off)."""
+    return {s.name: s.dp_sgd.epsilon() for s in sites if s.dp_sgd is not None}

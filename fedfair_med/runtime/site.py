@@ -54,9 +54,18 @@ def resolve(config: RunConfig, task: Task) -> Resolved:
 
 
 def build_global_model(config: RunConfig, task: Task) -> nn.Module:
-    """The round-0 model: seeded so every runtime starts from the same weights."""
+    """The round-0 model: seeded so every runtime starts from the same weights.
+
+    With DP-SGD on, BatchNorm becomes GroupNorm here (or the network is refused), so every site
+    and the server share the architecture Opacus can train.
+    """
     torch.manual_seed(derive_seed(config.seed, "init"))
-    return task.build_model(config.network, **config.network_kwargs)
+    model = task.build_model(config.network, **config.network_kwargs)
+    if config.privacy.get("dp_sgd"):
+        from fedfair_med.privacy.dpsgd import make_dp_compatible
+
+        model = make_dp_compatible(model)
+    return model
 
 
 class SiteRunner:
@@ -73,6 +82,13 @@ class SiteRunner:
         self.train_set = GroupedDataset(site.train, config.attribute, vocabulary)
         self.test_set = GroupedDataset(site.test, config.attribute, vocabulary)
         self.private_state: StateDict = {}
+        # DP-SGD's accountant stays at the site across rounds; None when DP-SGD is off.
+        self.dp_sgd = None
+        if config.privacy.get("dp_sgd"):
+            from fedfair_med.privacy.dpsgd import SiteDPSGD
+            from fedfair_med.privacy.settings import parse_privacy
+
+            self.dp_sgd = SiteDPSGD(parse_privacy(config.privacy).dp_sgd)
 
     @property
     def name(self) -> str:
@@ -104,6 +120,10 @@ class SiteRunner:
               broadcast: StateDict, round_index: int,
               progress: Callable[[int], None] | None = None) -> ClientUpdate:
         ctx = self._context(round_index, shuffle=True)
+        if self.dp_sgd is not None:
+            ctx.private_training = self.dp_sgd.session(
+                noise_seed=derive_seed(self.config.seed, round_index, self.site_index, "dp-sgd-noise"),
+                sampling_seed=derive_seed(self.config.seed, round_index, self.site_index, "dp-sgd-batches"))
         return algorithm.client_update(ctx, model, global_state, broadcast, self.private_state,
                                        progress=progress)
 
