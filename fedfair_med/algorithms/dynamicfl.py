@@ -1,8 +1,9 @@
 r"""DynamicFL-style resource-adaptive training by structural re-parameterisation.
 
-Seed ideas: DynamicFL (heterogeneous-resource federated learning that lets well-equipped sites
-train a larger network than they upload) and RepVGG's structural re-parameterisation (Ding et
-al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021).
+DynamicFL: Zhang et al., "Towards fairness-aware and privacy-preserving enhanced collaborative
+learning for healthcare", Nature Communications, 2025 — well-equipped sites train a larger
+network than they upload. The branch mechanism is RepVGG's structural re-parameterisation (Ding
+et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021).
 
 A site with capacity ``c`` trains, during its local round, a copy of the global model in which
 every convolution carries ``c`` extra parallel branches (conv + norm, γ initialised to 0, so the

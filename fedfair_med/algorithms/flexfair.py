@@ -1,5 +1,5 @@
-r"""FlexFair — Jiang et al., "Fair federated medical image segmentation/classification with
-a flexible fairness penalty" (FlexFair).
+r"""FlexFair — Xing et al., "Achieving flexible fairness metrics in federated medical imaging",
+Nature Communications, 2025.
 
 Local objective at site s: task loss + λ · (site's share of P), where
 P = Σ_k (R_k − Σ_j w_j R_j)² is the weighted variance of per-group risks (see
