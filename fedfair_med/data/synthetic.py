@@ -8,6 +8,10 @@ sample-weighted FedAvg under-serves it — the equal-accuracy gap FlexFair narro
 Classification: three-channel 32 × 32 'lesions' whose class is carried by a texture; the base
 rate of the positive class differs by sex and age band, and older patients' images are darker —
 a demographic-parity gap to close.
+
+Every site also has a small ``val`` split for model selection (sweeps choose hyper-parameters
+on it, never on ``test``). It is drawn from its own RNG stream, so adding or resizing it leaves
+the train and test images bit-identical.
 """
 
 from __future__ import annotations
@@ -33,13 +37,27 @@ class SiteStyle:
     brightness: float
     noise: float
     thickness: float
+    n_val: int = 0
 
 
 SEGMENTATION_SITES = (
-    SiteStyle("site-a", 48, 24, contrast=1.0, brightness=0.0, noise=0.10, thickness=1.0),
-    SiteStyle("site-b", 48, 24, contrast=0.8, brightness=0.25, noise=0.15, thickness=1.0),
-    SiteStyle("site-c", 16, 24, contrast=0.5, brightness=0.35, noise=0.12, thickness=0.8),
+    SiteStyle("site-a", 48, 24, contrast=1.0, brightness=0.0, noise=0.10, thickness=1.0, n_val=16),
+    SiteStyle("site-b", 48, 24, contrast=0.8, brightness=0.25, noise=0.15, thickness=1.0, n_val=16),
+    SiteStyle("site-c", 16, 24, contrast=0.5, brightness=0.35, noise=0.12, thickness=0.8, n_val=16),
 )
+
+# RNG stream index per split: train and test keep the streams they had before val existed.
+_STREAM = {"train": 0, "test": 1, "val": 2}
+
+
+def _split_sizes(style: SiteStyle, scale: float, n_val: int | None, minimum: int) -> list[tuple[str, int]]:
+    """(split, size) pairs; a val split of size 0 (``n_val=0``) is left out."""
+    sizes = [("train", max(minimum, int(round(style.n_train * scale)))),
+             ("test", max(minimum, int(round(style.n_test * scale))))]
+    val = style.n_val if n_val is None else n_val
+    if val > 0:
+        sizes.append(("val", max(minimum, int(round(val * scale)))))
+    return sizes
 
 
 class TensorSamples(Dataset):
@@ -90,20 +108,22 @@ def _segmentation_image(rng: np.random.Generator, style: SiteStyle, size: int) -
 
 def synthetic_segmentation(seed: int = 0, size: int = 32,
                            sites: tuple[SiteStyle, ...] = SEGMENTATION_SITES,
-                           scale: float = 1.0) -> Federation:
-    """Three sites of blob-and-vessel images; ``scale`` multiplies every split's size."""
+                           scale: float = 1.0, n_val: int | None = None) -> Federation:
+    """Three sites of blob-and-vessel images; ``scale`` multiplies every split's size.
+
+    ``n_val`` overrides every site's validation size (0: no val split).
+    """
     out = []
     for k, style in enumerate(sites):
         splits = {}
-        for split, n in (("train", style.n_train), ("test", style.n_test)):
-            n = max(2, int(round(n * scale)))
-            rng = np.random.default_rng([seed, k, 0 if split == "train" else 1])
+        for split, n in _split_sizes(style, scale, n_val, minimum=2):
+            rng = np.random.default_rng([seed, k, _STREAM[split]])
             pairs = [_segmentation_image(rng, style, size) for _ in range(n)]
             images = torch.from_numpy(np.stack([p[0] for p in pairs]))
             masks = torch.from_numpy(np.stack([p[1] for p in pairs]))
             ids = [f"{style.name}-{split}-{i:03d}" for i in range(n)]
             splits[split] = TensorSamples(images, masks, ids, style.name, _demographics(rng, n))
-        out.append(SiteData(style.name, splits["train"], splits["test"],
+        out.append(SiteData(style.name, splits["train"], splits["test"], splits.get("val"),
                             attributes=("sex", "age", "age_band")))
     return Federation(out, attributes=("sex", "age", "age_band"),
                       description="synthetic blob-and-vessel segmentation, 3 sites")
@@ -126,22 +146,24 @@ def _classification_image(rng: np.random.Generator, label: int, old: bool, size:
 
 
 CLASSIFICATION_SITES = (
-    SiteStyle("site-a", 96, 48, contrast=1.0, brightness=0.0, noise=0.10, thickness=1.0),
-    SiteStyle("site-b", 96, 48, contrast=0.8, brightness=0.1, noise=0.12, thickness=1.0),
-    SiteStyle("site-c", 48, 48, contrast=0.6, brightness=-0.05, noise=0.15, thickness=1.0),
+    SiteStyle("site-a", 96, 48, contrast=1.0, brightness=0.0, noise=0.10, thickness=1.0, n_val=32),
+    SiteStyle("site-b", 96, 48, contrast=0.8, brightness=0.1, noise=0.12, thickness=1.0, n_val=32),
+    SiteStyle("site-c", 48, 48, contrast=0.6, brightness=-0.05, noise=0.15, thickness=1.0, n_val=32),
 )
 
 
 def synthetic_classification(seed: int = 0, size: int = 32,
                              sites: tuple[SiteStyle, ...] = CLASSIFICATION_SITES,
-                             scale: float = 1.0) -> Federation:
-    """Three sites of textured lesions; P(y=1) is 0.55 for >60 and 0.2 for <=60 (males +0.1)."""
+                             scale: float = 1.0, n_val: int | None = None) -> Federation:
+    """Three sites of textured lesions; P(y=1) is 0.55 for >60 and 0.2 for <=60 (males +0.1).
+
+    ``n_val`` overrides every site's validation size (0: no val split).
+    """
     out = []
     for k, style in enumerate(sites):
         splits = {}
-        for split, n in (("train", style.n_train), ("test", style.n_test)):
-            n = max(4, int(round(n * scale)))
-            rng = np.random.default_rng([seed, 100 + k, 0 if split == "train" else 1])
+        for split, n in _split_sizes(style, scale, n_val, minimum=4):
+            rng = np.random.default_rng([seed, 100 + k, _STREAM[split]])
             demo = _demographics(rng, n)
             labels, images = [], []
             for sex, age in zip(demo["sex"], demo["age"]):
@@ -153,7 +175,7 @@ def synthetic_classification(seed: int = 0, size: int = 32,
             splits[split] = TensorSamples(torch.from_numpy(np.stack(images)),
                                           torch.tensor(labels, dtype=torch.long), ids,
                                           style.name, demo)
-        out.append(SiteData(style.name, splits["train"], splits["test"],
+        out.append(SiteData(style.name, splits["train"], splits["test"], splits.get("val"),
                             attributes=("sex", "age", "age_band")))
     return Federation(out, attributes=("sex", "age", "age_band"),
                       description="synthetic textured-lesion classification, 3 sites")

@@ -5,6 +5,10 @@ models with optimisers. Each round follows the same protocol as the OpenFL runti
 statistics pass, local training at each site from the broadcast, server aggregation, evaluation
 at each site from which only summaries are combined. Same configuration and seed ⇒ bit-identical
 metrics on the same machine.
+
+When every site has a validation split, each round record also carries ``val``: the same
+summary (metric, sites, groups, gaps) on the val splits, for model selection without the test
+set. The test keys are unchanged by it.
 """
 
 from __future__ import annotations
@@ -123,6 +127,9 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         }
         if ledger.active:  # the budget spent so far
             record["privacy"] = ledger.round_record(r, _dp_sgd_epsilon(sites))
+        if all(s.val_set is not None for s in sites):
+            val = {s.name: s.evaluate(model, global_state, split="val")[1] for s in sites}
+            record["val"] = combine_summaries(val, classification=classification)
         rundir.log_round(record)
         history.append(record)
         progress.round_finished(r, record)
@@ -137,6 +144,7 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
     write_reports(rundir.path)
     return RunResult(path=rundir.path, final=history[-1], history=history,
                      predictions=predictions, state=global_state)
+
 
 def _dp_sgd_epsilon(sites: list[SiteRunner]) -> dict[str, float]:
     """Each site's DP-SGD ε so far (empty when DP-SGD is off)."""

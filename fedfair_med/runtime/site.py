@@ -81,6 +81,9 @@ class SiteRunner:
         self.attributes = attributes
         self.train_set = GroupedDataset(site.train, config.attribute, vocabulary)
         self.test_set = GroupedDataset(site.test, config.attribute, vocabulary)
+        # Held-out split for model selection (sweeps); None when the site has none.
+        self.val_set = (GroupedDataset(site.val, config.attribute, vocabulary)
+                        if site.val is not None and len(site.val) > 0 else None)  # type: ignore[arg-type]
         self.private_state: StateDict = {}
         # DP-SGD's accountant stays at the site across rounds; None when DP-SGD is off.
         self.dp_sgd = None
@@ -127,11 +130,18 @@ class SiteRunner:
         return algorithm.client_update(ctx, model, global_state, broadcast, self.private_state,
                                        progress=progress)
 
-    def predict(self, model: nn.Module, global_state: StateDict) -> pd.DataFrame:
-        """Per-sample test predictions — they stay at the site (only summaries travel)."""
+    def _split(self, split: str) -> GroupedDataset:
+        if split == "test":
+            return self.test_set
+        if split == "val" and self.val_set is not None:
+            return self.val_set
+        raise ValueError(f"site {self.name!r} has no {split!r} split")
+
+    def predict(self, model: nn.Module, global_state: StateDict, split: str = "test") -> pd.DataFrame:
+        """Per-sample predictions on ``split`` — they stay at the site (only summaries travel)."""
         model.load_state_dict(global_state)
         model.eval()
-        loader = make_loader(self.test_set, self.resolved.batch_size, shuffle=False, seed=0)
+        loader = make_loader(self._split(split), self.resolved.batch_size, shuffle=False, seed=0)
         rows: list[dict[str, Any]] = []
         with torch.no_grad():
             for batch in loader:
@@ -150,9 +160,10 @@ class SiteRunner:
                     rows.append(row)
         return pd.DataFrame(rows)
 
-    def evaluate(self, model: nn.Module, global_state: StateDict) -> tuple[pd.DataFrame, dict[str, Any]]:
+    def evaluate(self, model: nn.Module, global_state: StateDict,
+                 split: str = "test") -> tuple[pd.DataFrame, dict[str, Any]]:
         """Predictions (kept here) and their aggregate summary (the part that may travel)."""
-        predictions = self.predict(model, global_state)
+        predictions = self.predict(model, global_state, split)
         return predictions, site_summary(predictions, self.summary_attributes)
 
     @property
