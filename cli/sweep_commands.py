@@ -1,0 +1,132 @@
+"""``fedfair-med sweep FILE``: methods × grid × seeds, resumable, with a progress bar over runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+class RichSweepProgress:
+    """One bar over the sweep's runs; already-finished runs count as done from the start."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task_id: Any = None
+        self.skipped = 0
+        self.running: list[str] = []
+        self.failed = 0
+
+    def _describe(self) -> str:
+        text = f"runs ({self.skipped} skipped as already finished"
+        text += f", {self.failed} failed)" if self.failed else ")"
+        return text + (f" · {', '.join(self.running)}" if self.running else "")
+
+    def planned(self, total: int, finished: int) -> None:
+        self.skipped = finished
+        self.task_id = self.progress.add_task(self._describe(), total=total, completed=finished)
+
+    def run_started(self, run: Any) -> None:
+        self.running.append(run.relpath.removeprefix("runs/"))
+        self.progress.update(self.task_id, description=self._describe())
+
+    def run_finished(self, run: Any, ok: bool) -> None:
+        name = run.relpath.removeprefix("runs/")
+        if name in self.running:
+            self.running.remove(name)
+        self.failed += 0 if ok else 1
+        self.progress.update(self.task_id, advance=1, description=self._describe())
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def plan_table(sweep: Any, out: Path) -> Table:
+    """Per methods entry: grid points, seeds, runs and how many are already finished."""
+    from fedfair_med.experiments.sweep import is_finished
+
+    table = Table(title=f"Sweep {sweep.name}: {len(sweep.seeds)} seed(s) {sweep.seeds}")
+    for column in ("label", "method", "grid points", "runs", "finished"):
+        table.add_column(column, justify="left" if column in ("label", "method", "grid points") else "right")
+    for label in sweep.methods:
+        runs = [r for r in sweep.runs if r.label == label]
+        points = list(dict.fromkeys(r.point for r in runs))
+        done = sum(is_finished(r.path(out)) for r in runs)
+        table.add_row(label, runs[0].method, ", ".join(points), str(len(runs)), str(done))
+    return table
+
+
+def result_table(path: Path) -> Table:
+    """table.csv as a Rich table (the same numbers as table.md)."""
+    import math
+
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    table = Table(title="Selected settings (validation), test numbers at the last round")
+    metric, gap = str(frame["metric_name"].iloc[0]), str(frame["gap_name"].iloc[0]).upper()
+    for column in ("method", "setting", "n", metric, f"{gap} gap", f"p ({metric})", "p (gap)"):
+        table.add_column(column, justify="left" if column in ("method", "setting") else "right")
+
+    def pm(mean: float, std: float) -> str:
+        return f"{mean:.3f}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+
+    def p(value: float, ref: bool) -> str:
+        return "ref." if ref else ("—" if not math.isfinite(value) else f"{value:.3g}")
+
+    for _, r in frame.iterrows():
+        table.add_row(str(r["label"]), str(r["setting"]), str(r["n"]),
+                      pm(r["metric_mean"], r["metric_std"]), pm(r["gap_mean"], r["gap_std"]),
+                      p(r["p_metric"], bool(r["reference"])), p(r["p_gap"], bool(r["reference"])))
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the ``sweep`` command to ``app``."""
+
+    @app.command("sweep")
+    def sweep(
+        sweep_file: Path = typer.Argument(..., help="Sweep file (YAML: base, seeds, methods)."),
+        out: Optional[Path] = typer.Option(None, "--out",
+                                           help="Output folder (default runs/sweeps/NAME)."),
+        parallel: int = typer.Option(1, "--parallel", min=1,
+                                     help="Runs at once, each in its own process (1 torch thread)."),
+        dry_run: bool = typer.Option(False, "--dry-run",
+                                     help="Print the plan and how much is already done; run nothing."),
+    ) -> None:
+        """Run a sweep (methods × grid × seeds); finished runs are skipped, so it resumes."""
+        from fedfair_med.experiments.sweep import SweepError, load_sweep, plan_status, run_sweep
+
+        try:
+            plan = load_sweep(sweep_file)
+        except SweepError as err:
+            _fail(str(err))
+        target = out or Path("runs") / "sweeps" / plan.name
+        status = plan_status(plan, target)
+        if dry_run:
+            console.print(plan_table(plan, target))
+            # typer.echo, not Rich: a long path must not wrap the summary over two lines.
+            typer.echo(f"{status.total} runs planned in {target}: {len(status.finished)} already "
+                       f"finished, {len(status.to_run)} to run.")
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            try:
+                result = run_sweep(plan, target, parallel=parallel,
+                                   progress=RichSweepProgress(progress))
+            except SweepError as err:
+                _fail(str(err))
+        typer.echo(f"ran {len(result.executed)} run(s), skipped {len(result.skipped)} "
+                   "already finished")
+        console.print(result_table(result.outputs["table.csv"]))
+        typer.echo(result.outputs["table.md"].read_text().splitlines()[0])
+        for name, path in result.outputs.items():
+            typer.echo(f"{name}: {path}")
