@@ -119,3 +119,20 @@ def test_simulate_reports_bad_flags_without_traceback(tmp_path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--method", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "unknown method" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_fairness_attribute_is_a_clear_error(tmp_path) -> None:
+    cfg = RunConfig(task="synthetic-cls", method="flexfair", criterion="dp", attribute="gender", **FAST)
+    with pytest.raises(ValueError, match="attribute 'gender' has no value.*available attributes"):
+        run_simulation(cfg, tmp_path / "run")
+
+
+def test_age_edges_define_the_age_bands_everywhere(tmp_path) -> None:
+    cfg = RunConfig(task="synthetic-cls", method="fedavg", criterion="dp", attribute="age_band",
+                    age_edges=[40.0, 70.0], **FAST)
+    result = run_simulation(cfg, tmp_path / "run")
+    predictions = pd.read_csv(result.path / "predictions.csv")
+    assert set(predictions["age_band"]) == {"<=40", "40-70", ">70"}
+    assert set(result.final["groups"]["age_band"]) == {"<=40", "40-70", ">70"}
+    report = json.loads((result.path / "report.json").read_text())
+    assert {r["group"] for r in report["groups"] if r["attribute"] == "age_band"} == {"<=40", "40-70", ">70"}

@@ -17,7 +17,7 @@ the train and test images bit-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -84,10 +84,11 @@ class TensorSamples(Dataset):
         return list(self.attributes.get(attribute, [""] * len(self)))
 
 
-def _demographics(rng: np.random.Generator, n: int) -> dict[str, list[Any]]:
+def _demographics(rng: np.random.Generator, n: int,
+                  age_edges: Sequence[float] = (60,)) -> dict[str, list[Any]]:
     sex = rng.choice(["female", "male"], size=n).tolist()
     age = rng.integers(25, 90, size=n).tolist()
-    return {"sex": sex, "age": age, "age_band": [age_band(a) for a in age]}
+    return {"sex": sex, "age": age, "age_band": [age_band(a, age_edges) for a in age]}
 
 
 def _segmentation_image(rng: np.random.Generator, style: SiteStyle, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +109,8 @@ def _segmentation_image(rng: np.random.Generator, style: SiteStyle, size: int) -
 
 def synthetic_segmentation(seed: int = 0, size: int = 32,
                            sites: tuple[SiteStyle, ...] = SEGMENTATION_SITES,
-                           scale: float = 1.0, n_val: int | None = None) -> Federation:
+                           scale: float = 1.0, n_val: int | None = None,
+                           age_edges: Sequence[float] = (60,)) -> Federation:
     """Three sites of blob-and-vessel images; ``scale`` multiplies every split's size.
 
     ``n_val`` overrides every site's validation size (0: no val split).
@@ -122,7 +124,8 @@ def synthetic_segmentation(seed: int = 0, size: int = 32,
             images = torch.from_numpy(np.stack([p[0] for p in pairs]))
             masks = torch.from_numpy(np.stack([p[1] for p in pairs]))
             ids = [f"{style.name}-{split}-{i:03d}" for i in range(n)]
-            splits[split] = TensorSamples(images, masks, ids, style.name, _demographics(rng, n))
+            splits[split] = TensorSamples(images, masks, ids, style.name,
+                                          _demographics(rng, n, age_edges))
         out.append(SiteData(style.name, splits["train"], splits["test"], splits.get("val"),
                             attributes=("sex", "age", "age_band")))
     return Federation(out, attributes=("sex", "age", "age_band"),
@@ -154,7 +157,8 @@ CLASSIFICATION_SITES = (
 
 def synthetic_classification(seed: int = 0, size: int = 32,
                              sites: tuple[SiteStyle, ...] = CLASSIFICATION_SITES,
-                             scale: float = 1.0, n_val: int | None = None) -> Federation:
+                             scale: float = 1.0, n_val: int | None = None,
+                             age_edges: Sequence[float] = (60,)) -> Federation:
     """Three sites of textured lesions; P(y=1) is 0.55 for >60 and 0.2 for <=60 (males +0.1).
 
     ``n_val`` overrides every site's validation size (0: no val split).
@@ -164,7 +168,7 @@ def synthetic_classification(seed: int = 0, size: int = 32,
         splits = {}
         for split, n in _split_sizes(style, scale, n_val, minimum=4):
             rng = np.random.default_rng([seed, 100 + k, _STREAM[split]])
-            demo = _demographics(rng, n)
+            demo = _demographics(rng, n, age_edges)
             labels, images = [], []
             for sex, age in zip(demo["sex"], demo["age"]):
                 p = (0.55 if age > 60 else 0.2) + (0.1 if sex == "male" else 0.0)

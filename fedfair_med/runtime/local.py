@@ -71,8 +71,14 @@ def method_params(config: RunConfig, algorithm_cls: type[Algorithm]) -> dict[str
 
 
 def build_sites(config: RunConfig, task: Task) -> list[SiteRunner]:
-    federation = task.load_federation(seed=config.seed, **config.data)
+    """One SiteRunner per site; the fairness attribute must exist in the sites' data."""
+    options = {**config.data, "age_edges": config.data.get("age_edges", config.age_edges)}
+    federation = task.load_federation(seed=config.seed, **options)
     vocabulary = federation.group_vocabulary(config.attribute)
+    if not vocabulary:
+        raise ValueError(
+            f"attribute {config.attribute!r} has no value in any site's data, so no sample would "
+            f"belong to a fairness group; available attributes: {list(federation.attributes)}")
     attributes = tuple(config.attributes) if config.attributes is not None else federation.attributes
     return [SiteRunner(task, site, k, config, vocabulary, attributes)
             for k, site in enumerate(federation.sites)]
@@ -141,7 +147,7 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         rundir.write_json("privacy.json", ledger.summary(rounds, _dp_sgd_epsilon(sites)))
     from fedfair_med.reporting.render import write_reports
 
-    write_reports(rundir.path)
+    write_reports(rundir.path, age_edges=tuple(config.age_edges))
     return RunResult(path=rundir.path, final=history[-1], history=history,
                      predictions=predictions, state=global_state)
 
