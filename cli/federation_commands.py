@@ -175,6 +175,8 @@ def certify_cmd(
 def aggregator_start(
     workspace: Path = typer.Option(..., "--workspace", help="workspaces/NAME"),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds."),
+    finish_grace: float = typer.Option(
+        15.0, "--finish-grace", help="Seconds to wait, after the last round, for sites to be told to stop."),
 ) -> None:
     """Run every round; write run.yaml, metrics.jsonl, model.pt and report.json to WORKSPACE/run."""
     import json
@@ -182,7 +184,7 @@ def aggregator_start(
     from fedfair_med.runtime.openfl.process import run_aggregator
 
     console.print(f"aggregator serving {workspace} …")
-    run_dir = _guard(lambda: run_aggregator(workspace, timeout_s=timeout))
+    run_dir = _guard(lambda: run_aggregator(workspace, timeout_s=timeout, finish_grace_s=finish_grace))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     for line in lines:
         record = json.loads(line)

@@ -49,7 +49,7 @@ class _RawBytes(Transformer):
         self.lossy = False
 
     def forward(self, data: Any, **kwargs: Any) -> tuple[bytes, dict[str, list[int]]]:
-        array = np.ascontiguousarray(np.asarray(data))
+        array = np.array(data, copy=True, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         name = array.dtype.name
         if name not in _DTYPES:
             raise TypeError(f"cannot send a tensor of dtype {name}")

@@ -11,7 +11,9 @@ simulation, with the same seeds:
 * ``fedfair_evaluate`` — ``SiteRunner.evaluate`` of the global model; ``predictions.csv`` is
   written *here*, only the fixed-size summary tables (tag ``fedfair_summary``) are sent.
 
-Everything sent is listed by :meth:`SiteTaskRunner.sent` so a test can check the wire.
+Every tensor a site sends is recorded by :class:`FedFairCollaborator` (name, tags, shape, dtype —
+never values); with ``FEDFAIR_WIRE_LOG=path`` set it is also appended to that file as JSON lines,
+so a hospital (or a test) can audit exactly what left the site.
 
 :class:`FedFairCollaborator` fixes OpenFL's polling: the aggregator tells an idle collaborator to
 sleep 10 s through a call on the ``Aggregator`` base class that a subclass cannot override, so
@@ -20,7 +22,9 @@ half the rounds would wait ~10 s. Our collaborator caps that sleep at ``poll_int
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -183,6 +187,21 @@ class FedFairCollaborator(Collaborator):
     def __init__(self, *args: Any, poll_interval_s: float = 0.2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.poll_interval_s = float(poll_interval_s)
+        self.wire_log: list[dict[str, Any]] = []
+
+    def send_task_results(self, tensor_dict: Mapping[Any, np.ndarray], round_number: int,
+                          task_name: str) -> dict:
+        """Record what is about to cross the wire (never the values), then send it."""
+        entries = [{"site": self.collaborator_name, "task": task_name, "round": int(round_number),
+                    "name": key.tensor_name, "tags": list(key.tags),
+                    "shape": list(np.asarray(value).shape), "dtype": np.asarray(value).dtype.name}
+                   for key, value in tensor_dict.items()]
+        self.wire_log.extend(entries)
+        path = os.environ.get("FEDFAIR_WIRE_LOG")
+        if path:
+            with open(path, "a") as fh:
+                fh.writelines(json.dumps(e) + "\n" for e in entries)
+        return super().send_task_results(tensor_dict, round_number, task_name)
 
     def run(self) -> None:
         self.callbacks.on_experiment_begin()
