@@ -108,13 +108,18 @@ def import_(
     test_fraction: Optional[float] = typer.Option(
         None, "--test-fraction", help="Share of images (or patients/videos/lesions) for test; "
                                       "default per dataset, see docs/data.md."),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help="Share of the non-test groups (children, images, videos, lesions) "
+                                     "held out for validation/model selection; 0 = none. Default "
+                                     "0.15 (CVC-ClinicDB: as many videos as test). Test is unaffected."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split's shuffles."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split (quick tests)."),
 ) -> None:
     """Write one manifest per site for a public dataset, pointing at SRC (nothing is copied)."""
     console = _console()
     try:
-        written = import_dataset(dataset.value, src, out, test_fraction=test_fraction, seed=seed, limit=limit)
+        written = import_dataset(dataset.value, src, out, test_fraction=test_fraction, seed=seed, limit=limit,
+                                 val_fraction=val_fraction)
     except (DatasetLayoutError, ValueError, OSError) as exc:
         console.print(f"cannot import {dataset.value} from {src}: {exc}", markup=False)
         raise typer.Exit(1) from None
@@ -130,6 +135,9 @@ def derive_mri(
     sites: int = typer.Option(3, "--sites", help="How many derived hospitals."),
     organ: str = typer.Option("liver", "--organ", help="Label name or value to segment."),
     seed: int = typer.Option(0, "--seed"),
+    volumes_per_site: int = typer.Option(4, "--volumes-per-site", help="Derived volumes per hospital."),
+    val_per_site: int = typer.Option(0, "--val-per-site",
+                                     help="Volumes per hospital held out for validation (sweeps need >= 1)."),
 ) -> None:
     """Derive a small multi-site MRI federation (intensity, resolution, orientation shifts)."""
     from fedfair_med.data.mri_sites import derive_mri_federation
@@ -137,7 +145,8 @@ def derive_mri(
     console = _console()
     try:
         target = int(organ) if organ.isdigit() else organ
-        manifests = derive_mri_federation(image, label, out, sites=sites, seed=seed, organ=target)
+        manifests = derive_mri_federation(image, label, out, sites=sites, seed=seed, organ=target,
+                                          volumes_per_site=volumes_per_site, val_per_site=val_per_site)
     except (KeyError, ValueError, OSError) as exc:
         console.print(f"cannot derive MRI sites from {image}: {exc}", markup=False)
         raise typer.Exit(1) from None

@@ -137,11 +137,84 @@ def test_cli_import_then_check(tmp_path):
     result = runner.invoke(app, ["data", "import", "stare", str(DATA / SOURCES["stare"]), "--out", str(out),
                                  "--limit", "2", "--test-fraction", "0.3"])
     assert result.exit_code == 0, result.output
-    assert f"wrote {out / 'stare' / 'manifest.csv'}" in result.output and "2 train, 2 test" in result.output
+    assert f"wrote {out / 'stare' / 'manifest.csv'}" in result.output and "2 train, 2 val, 2 test" in result.output
+    no_val = runner.invoke(app, ["data", "import", "stare", str(DATA / SOURCES["stare"]), "--out", str(tmp_path / "nv"),
+                                 "--limit", "2", "--val-fraction", "0"])
+    assert no_val.exit_code == 0 and "2 train, 2 test" in no_val.output, no_val.output
     checked = runner.invoke(app, ["data", "check", str(out / "stare" / "manifest.csv"), "--task", "fundus"])
     assert checked.exit_code == 0, checked.output
     failed = runner.invoke(app, ["data", "import", "chase", str(tmp_path / "nowhere"), "--out", str(out)])
     assert failed.exit_code == 1 and "does not exist" in failed.output
+
+
+# ---- validation splits: carved from the training side, test untouched -------------------------
+def split_ids(rows: list[dict[str, str]]) -> dict[str, set[str]]:
+    ids: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        ids[row["split"]].add(row["id"])
+    return ids
+
+
+@pytest.mark.parametrize("dataset", ["chase", "stare", "kvasir"])
+def test_val_comes_from_train_and_leaves_test_unchanged(tmp_path, dataset):
+    src = DATA / SOURCES[dataset]
+    without = split_ids(read_rows(import_dataset(dataset, src, tmp_path / "a", seed=5, val_fraction=0)[0].manifest))
+    default = split_ids(read_rows(import_dataset(dataset, src, tmp_path / "b", seed=5)[0].manifest))
+    more = split_ids(read_rows(import_dataset(dataset, src, tmp_path / "c", seed=5, val_fraction=0.4)[0].manifest))
+    assert set(without) == {"train", "test"}  # val_fraction=0 is the two-way split
+    assert default["test"] == without["test"] == more["test"]  # test never depends on val
+    assert default["val"] and default["val"] <= without["train"] and default["train"] | default["val"] == without["train"]
+    assert len(more["val"]) > len(default["val"]) and default["train"]  # at least one group is left to train
+    # 0.15 of the non-test groups, rounded: chase 0.15·10 children → 2 (4 eyes); stare 0.15·13 → 2;
+    # kvasir 0.15·898 → 135
+    assert len(default["val"]) == {"chase": 4, "stare": 2, "kvasir": 135}[dataset]
+
+
+def test_chase_val_holds_whole_children(tmp_path):
+    (site,) = import_dataset("chase", DATA / SOURCES["chase"], tmp_path, seed=2, val_fraction=0.3)
+    split_of_child = defaultdict(set)
+    for row in read_rows(site.manifest):
+        split_of_child[row["id"][len("Image_"):-1]].add(row["split"])
+    assert all(len(splits) == 1 for splits in split_of_child.values())
+    assert sum(splits == {"val"} for splits in split_of_child.values()) == 3  # 0.3 of the 10 non-test children
+
+
+def test_ham10000_val_lesions_are_disjoint_across_sites_and_test_is_unchanged(tmp_path):
+    src = DATA / SOURCES["ham10000"]
+    with (src / "HAM10000_metadata.csv").open() as handle:
+        lesion_of = {r["image_id"]: r["lesion_id"] for r in csv.DictReader(handle)}
+    with_val = [row for s in import_dataset("ham10000", src, tmp_path / "a", seed=1) for row in read_rows(s.manifest)]
+    without = [row for s in import_dataset("ham10000", src, tmp_path / "b", seed=1, val_fraction=0)
+               for row in read_rows(s.manifest)]
+    assert split_ids(with_val)["test"] == split_ids(without)["test"]
+    split_of_lesion = defaultdict(set)
+    for row in with_val:  # across all four sites: a lesion is wholly train, val or test
+        split_of_lesion[lesion_of[row["id"]]].add(row["split"])
+    assert all(len(s) == 1 for s in split_of_lesion.values())
+    for site in ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"):
+        rows = read_rows(tmp_path / "a" / site / "manifest.csv")
+        non_test = [r for r in rows if r["split"] != "test"]
+        assert 0.12 < sum(r["split"] == "val" for r in non_test) / len(non_test) < 0.19
+
+
+def test_cvc_keeps_its_val_videos_unless_a_fraction_is_given(tmp_path):
+    src = DATA / SOURCES["cvc-clinicdb"]
+    with (src / "frame_sequence.csv").open() as handle:
+        video_of = {f"frame{r['frame']}": int(r["sequence"]) for r in csv.DictReader(handle)}
+    default = split_ids(read_rows(import_dataset("cvc-clinicdb", src, tmp_path / "a", seed=3)[0].manifest))
+    wider = split_ids(read_rows(import_dataset("cvc-clinicdb", src, tmp_path / "b", seed=3,
+                                               val_fraction=0.3)[0].manifest))
+    assert default["test"] == wider["test"]
+    assert len({video_of[i] for i in default["val"]}) == 3  # as many as test videos, as before
+    assert len({video_of[i] for i in wider["val"]}) == 8  # round(0.3 · 26 non-test videos)
+    for ids in (default, wider):
+        videos = {split: {video_of[i] for i in members} for split, members in ids.items()}
+        assert not videos["val"] & videos["train"] and not videos["val"] & videos["test"]
+
+
+def test_val_fraction_out_of_range_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="val fraction"):
+        import_dataset("stare", DATA / SOURCES["stare"], tmp_path, val_fraction=1.0)
 
 
 def test_real_mri_volume_checks(tmp_path):
@@ -160,3 +233,26 @@ def test_real_mri_volume_checks(tmp_path):
     assert "not binary" in result.problems[0].message
     assert [(p.row, p.field) for p in parse_problems] == [(4, "image")]  # the same volume in train and test
     assert 0 < result.summary.foreground_fraction["train"] < 0.5
+
+
+def test_derived_mri_sites_can_hold_out_val_volumes(tmp_path):
+    """Sweeps select on val, so derived MRI hospitals can hold out volumes before the test ones."""
+    from fedfair_med.data.mri_sites import derive_mri_federation
+
+    folder = DATA / "mri_abdomen_totalseg"
+    image, label = folder / "example_mr_sm.nii.gz", folder / "example_seg_mr.nii.gz"
+    (plain,) = derive_mri_federation(image, label, tmp_path / "plain", sites=1, seed=0)
+    (held,) = derive_mri_federation(image, label, tmp_path / "held", sites=1, seed=0,
+                                    volumes_per_site=5, val_per_site=1)
+    splits = {r["id"].rsplit("-", 1)[1]: r["split"] for r in read_rows(held)}
+    assert splits == {"vol0": "train", "vol1": "train", "vol2": "train", "vol3": "val", "vol4": "test"}
+    assert {r["split"] for r in read_rows(plain)} == {"train", "test"}  # default: no val, as before
+    import nibabel as nib
+    import numpy as np
+
+    for row in read_rows(plain)[:3]:  # the same training volumes whether or not val is held out
+        for key in ("image", "label"):
+            before, after = (np.asarray(nib.load(str(m.parent / row[key])).dataobj) for m in (plain, held))
+            assert np.array_equal(before, after), (row["id"], key)
+    with pytest.raises(ValueError, match="val_per_site"):
+        derive_mri_federation(image, label, tmp_path / "bad", sites=1, volumes_per_site=4, val_per_site=3)

@@ -5,26 +5,36 @@ absolute paths into the source folder. Splits keep everything that could leak be
 and test on one side — a patient's two eyes, a video's frames, a lesion's photographs — and
 are deterministic for a given ``seed``.
 
-=============  =====================  =======  =====================================================
-dataset        site(s)                default  how the split is made
-                                      test
-=============  =====================  =======  =====================================================
-chase          chase_db1              0.25     by child: ``Image_NNL``/``Image_NNR`` share a split; a
-                                               seeded shuffle of children, the first quarter is test.
-                                               Label: first observer ``*_1stHO.png``.
-stare          stare                  0.25     seeded shuffle of images (one eye per patient).
-                                               Label: Hoover ``labels-ah/*.ah.png``.
-kvasir         kvasir_seg             0.10     seeded shuffle of images (no patient ids published).
-cvc-clinicdb   cvc_clinicdb           0.10     by video (``frame_sequence.csv``): the last 10 % of
-                                               videos are test; as many other videos, drawn with the
-                                               seed, are val; frames never straddle splits.
-ham10000       one per ``dataset``    0.20     by ``lesion_id``: per site, a seeded shuffle of lesions
-               value (vidir_molemax,           fills test up to the fraction of its images; a lesion's
-               vidir_modern,                   photographs share a split, across sites too (9 lesions
-               rosendahl, vienna_dias)         were imaged at two sites). Label 1 for dx in
-                                               {mel, bcc, akiec}, else 0; attributes sex and age
-                                               (blank when HAM records none).
-=============  =====================  =======  =====================================================
+=============  =====================  =======  =====  ================================================
+dataset        site(s)                default  def.   how the split is made
+                                      test     val
+=============  =====================  =======  =====  ================================================
+chase          chase_db1              0.25     0.15   by child: ``Image_NNL``/``Image_NNR`` share a
+                                                      split; a seeded shuffle of children, the first
+                                                      quarter is test. Label: first observer
+                                                      ``*_1stHO.png``.
+stare          stare                  0.25     0.15   seeded shuffle of images (one eye per patient).
+                                                      Label: Hoover ``labels-ah/*.ah.png``.
+kvasir         kvasir_seg             0.10     0.15   seeded shuffle of images (no patient ids).
+cvc-clinicdb   cvc_clinicdb           0.10     =test  by video (``frame_sequence.csv``): the last 10 %
+                                                      of videos are test; as many other videos, drawn
+                                                      with the seed, are val; frames never straddle
+                                                      splits.
+ham10000       one per ``dataset``    0.20     0.15   by ``lesion_id``: per site, a seeded shuffle of
+               value (vidir_molemax,                  lesions fills test up to the fraction of its
+               vidir_modern,                          images; a lesion's photographs share a split,
+               rosendahl, vienna_dias)                across sites too (9 lesions were imaged at two
+                                                      sites). Label 1 for dx in {mel, bcc, akiec},
+                                                      else 0; attributes sex and age (blank when HAM
+                                                      records none).
+=============  =====================  =======  =====  ================================================
+
+Validation (model selection must never look at test) is carved from the *training side* only,
+after test has been drawn exactly as it would be without it: ``val_fraction`` of the non-test
+groups (children, images, videos, lesions' images) with the same grouping rule and its own
+seeded shuffle, so the test split does not depend on ``val_fraction``. At least one group is
+always left for training; ``val_fraction=0`` writes no val rows. CVC-ClinicDB keeps its
+published-protocol behaviour (as many val videos as test videos) unless ``val_fraction`` is given.
 
 ``limit`` keeps at most that many images per split (a seeded sample, whole groups not
 required: a subset of a leak-free split is still leak-free), for quick tests.
@@ -60,6 +70,11 @@ class ImportedSite:
 DEFAULT_TEST_FRACTION = {
     "chase": 0.25, "stare": 0.25, "kvasir": 0.10, "cvc-clinicdb": 0.10, "ham10000": 0.20,
 }
+#: Share of the non-test groups used for validation; None = the dataset's own rule (CVC: as
+#: many val videos as test videos).
+DEFAULT_VAL_FRACTION: dict[str, float | None] = {
+    "chase": 0.15, "stare": 0.15, "kvasir": 0.15, "cvc-clinicdb": None, "ham10000": 0.15,
+}
 MALIGNANT_DX = frozenset({"mel", "bcc", "akiec"})
 
 
@@ -86,6 +101,24 @@ def _split_groups(groups: Sequence[str], fraction: float, seed: int) -> tuple[se
     random.Random(seed).shuffle(keys)
     n_test = min(len(keys) - 1, max(1, math.floor(fraction * len(keys) + 0.5))) if len(keys) > 1 else 0
     return set(keys[:n_test]), set(keys[n_test:])
+
+
+def _val_count(fraction: float, n_groups: int) -> int:
+    """round(fraction·n) groups for val, at least one when fraction > 0, never all of them."""
+    if fraction <= 0 or n_groups < 2:
+        return 0
+    return min(n_groups - 1, max(1, math.floor(fraction * n_groups + 0.5)))
+
+
+def _carve_val(train_groups: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """Val groups from the training side, from a shuffle independent of the test draw."""
+    keys = sorted(set(train_groups))
+    random.Random(f"{seed}-val").shuffle(keys)
+    return set(keys[:_val_count(fraction, len(keys))])
+
+
+def _assign(group: str, test: set[str], val: set[str]) -> str:
+    return "test" if group in test else "val" if group in val else "train"
 
 
 def _limit(rows: list[dict[str, str]], limit: int | None, seed: int) -> list[dict[str, str]]:
@@ -119,7 +152,8 @@ def _write(out: Path, site: str, task: str, dataset: str, rows: list[dict[str, s
 _CHASE_NAME = re.compile(r"^Image_(\d+)([LR])$")
 
 
-def import_chase(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> list[ImportedSite]:
+def import_chase(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
+                 val_fraction: float | None = 0.15) -> list[ImportedSite]:
     """CHASE_DB1: 14 children × 2 eyes; both eyes of a child share a split."""
     folder = _find_folder(src, "Image_*_1stHO.png", "chase")
     rows: list[dict[str, str]] = []
@@ -131,13 +165,15 @@ def import_chase(src: Path, out: Path, *, test_fraction: float, seed: int, limit
                      "label": str((folder / f"{image.stem}_1stHO.png").resolve())})
     if not rows:
         raise DatasetLayoutError(f"chase: no Image_NN[LR].jpg files in {folder}")
-    test, _ = _split_groups([r["child"] for r in rows], test_fraction, seed)
+    test, rest = _split_groups([r["child"] for r in rows], test_fraction, seed)
+    val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
     for row in rows:
-        row["split"] = "test" if row.pop("child") in test else "train"
+        row["split"] = _assign(row.pop("child"), test, val)
     return [_write(out, "chase_db1", "fundus", "CHASE_DB1", rows, (), "by child (both eyes together)", limit, seed)]
 
 
-def import_stare(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> list[ImportedSite]:
+def import_stare(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
+                 val_fraction: float | None = 0.15) -> list[ImportedSite]:
     """STARE: 18 images with Hoover (``ah``) vessel labels."""
     images = _require(src / "images", "an images/ folder", "stare")
     labels = _require(src / "labels-ah", "a labels-ah/ folder", "stare")
@@ -146,13 +182,15 @@ def import_stare(src: Path, out: Path, *, test_fraction: float, seed: int, limit
             for image in sorted(images.glob("*.png"))]
     if not rows:
         raise DatasetLayoutError(f"stare: no PNG images in {images}")
-    test, _ = _split_groups([r["id"] for r in rows], test_fraction, seed)
+    test, rest = _split_groups([r["id"] for r in rows], test_fraction, seed)
+    val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
     for row in rows:
-        row["split"] = "test" if row["id"] in test else "train"
+        row["split"] = _assign(row["id"], test, val)
     return [_write(out, "stare", "fundus", "STARE", rows, (), "seeded, by image", limit, seed)]
 
 
-def import_kvasir(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> list[ImportedSite]:
+def import_kvasir(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
+                 val_fraction: float | None = 0.15) -> list[ImportedSite]:
     """Kvasir-SEG: image/mask pairs with the same file name in ``images/`` and ``masks/``."""
     images = _require(src / "images", "an images/ folder", "kvasir")
     masks = _require(src / "masks", "a masks/ folder", "kvasir")
@@ -160,9 +198,10 @@ def import_kvasir(src: Path, out: Path, *, test_fraction: float, seed: int, limi
             for image in sorted(images.glob("*.jpg"))]
     if not rows:
         raise DatasetLayoutError(f"kvasir: no JPEG images in {images}")
-    test, _ = _split_groups([r["id"] for r in rows], test_fraction, seed)
+    test, rest = _split_groups([r["id"] for r in rows], test_fraction, seed)
+    val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
     for row in rows:
-        row["split"] = "test" if row["id"] in test else "train"
+        row["split"] = _assign(row["id"], test, val)
     return [_write(out, "kvasir_seg", "polyp", "Kvasir-SEG", rows, (), "seeded, by image", limit, seed)]
 
 
@@ -173,7 +212,8 @@ def read_frame_sequences(src: Path) -> dict[str, str]:
         return {row["frame"].strip(): row["sequence"].strip() for row in csv.DictReader(handle)}
 
 
-def import_cvc(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> list[ImportedSite]:
+def import_cvc(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
+               val_fraction: float | None = None) -> list[ImportedSite]:
     """CVC-ClinicDB: 612 frames from 29 videos; a video's frames share a split."""
     originals = _require(src / "Original", "an Original/ folder", "cvc-clinicdb")
     truths = _require(src / "Ground Truth", "a 'Ground Truth/' folder", "cvc-clinicdb")
@@ -183,7 +223,8 @@ def import_cvc(src: Path, out: Path, *, test_fraction: float, seed: int, limit: 
     test_videos = set(videos[-n_test:])
     others = [v for v in videos if v not in test_videos]
     random.Random(seed).shuffle(others)
-    val_videos = set(others[:n_test])
+    n_val = n_test if val_fraction is None else _val_count(val_fraction, len(others))
+    val_videos = set(others[:n_val])
     rows = []
     for image in sorted(originals.glob("*.png"), key=lambda p: (len(p.stem), p.stem)):
         video = sequences.get(image.stem)
@@ -203,7 +244,8 @@ def _ham_images(src: Path) -> dict[str, Path]:
     return {path.stem: path.resolve() for path in src.rglob("ISIC_*.jpg")}
 
 
-def import_ham10000(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> list[ImportedSite]:
+def import_ham10000(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
+                    val_fraction: float | None = 0.15) -> list[ImportedSite]:
     """HAM10000: four acquisition sites from the metadata's ``dataset`` column."""
     table = _require(src / "HAM10000_metadata.csv", "HAM10000_metadata.csv", "ham10000")
     with table.open(newline="", encoding="utf-8") as handle:
@@ -214,6 +256,7 @@ def import_ham10000(src: Path, out: Path, *, test_fraction: float, seed: int, li
                                  " (the current Dataverse version has a 'dataset' column)")
     images = _ham_images(src)
     test_lesions = _lesions_for_test(records, test_fraction, seed)
+    val_lesions = _take_lesions(records, val_fraction or 0.0, seed, stream="val", exclude=test_lesions)
     by_site: dict[str, list[dict[str, str]]] = {}
     for record in records:
         by_site.setdefault(record["dataset"].strip(), []).append(record)
@@ -226,7 +269,7 @@ def import_ham10000(src: Path, out: Path, *, test_fraction: float, seed: int, li
             rows.append({
                 "id": image_id, "image": str(image),
                 "label": "1" if record["dx"].strip().lower() in MALIGNANT_DX else "0",
-                "split": "test" if record["lesion_id"].strip() in test_lesions else "train",
+                "split": _assign(record["lesion_id"].strip(), test_lesions, val_lesions),
                 "sex": normalise_sex(record["sex"])[0], "age": normalise_age(record["age"])[0],
             })
         written.append(_write(out, site, "skin", "HAM10000", rows, ("sex", "age"),
@@ -240,8 +283,21 @@ def _lesions_for_test(records: Sequence[dict[str, str]], fraction: float, seed: 
     A few lesions were photographed at two sites; the choice is global (a lesion is test
     everywhere or nowhere), each lesion being drawn for the site holding most of its images.
     """
+    return _take_lesions(records, fraction, seed)
+
+
+def _take_lesions(records: Sequence[dict[str, str]], fraction: float, seed: int, *,
+                  stream: str = "", exclude: set[str] = frozenset()) -> set[str]:
+    """Whole lesions not in ``exclude`` filling ``fraction`` of each site's remaining images.
+
+    ``stream`` separates the val shuffle from the test one (empty = the test draw, unchanged).
+    """
+    if fraction <= 0:
+        return set()
     images_at: dict[str, dict[str, int]] = {}
     for record in records:
+        if record["lesion_id"].strip() in exclude:
+            continue
         per_site = images_at.setdefault(record["lesion_id"].strip(), {})
         site = record["dataset"].strip()
         per_site[site] = per_site.get(site, 0) + 1
@@ -250,7 +306,7 @@ def _lesions_for_test(records: Sequence[dict[str, str]], fraction: float, seed: 
         home.setdefault(max(sorted(per_site), key=per_site.__getitem__), []).append(lesion)
     chosen: set[str] = set()
     for site, lesions in sorted(home.items()):
-        random.Random(f"{seed}-{site}").shuffle(lesions)
+        random.Random(f"{seed}-{site}" + (f"-{stream}" if stream else "")).shuffle(lesions)
         target = fraction * sum(sum(images_at[lesion].values()) for lesion in lesions)
         taken = 0
         for lesion in lesions[:-1]:  # always leave at least one lesion for training
@@ -272,8 +328,13 @@ IMPORTERS: dict[str, Importer] = {
 
 
 def import_dataset(name: str, src: str | Path, out: str | Path, *, test_fraction: float | None = None,
-                   seed: int = 0, limit: int | None = None) -> list[ImportedSite]:
-    """Write manifests for dataset ``name`` found at ``src`` under ``out``; see the module table."""
+                   seed: int = 0, limit: int | None = None,
+                   val_fraction: float | None = None) -> list[ImportedSite]:
+    """Write manifests for dataset ``name`` found at ``src`` under ``out``; see the module table.
+
+    ``val_fraction`` (default per dataset, see ``DEFAULT_VAL_FRACTION``) is the share of the
+    non-test groups held out for validation; 0 writes no val split. Test never depends on it.
+    """
     try:
         importer = IMPORTERS[name]
     except KeyError:
@@ -281,11 +342,14 @@ def import_dataset(name: str, src: str | Path, out: str | Path, *, test_fraction
     fraction = DEFAULT_TEST_FRACTION[name] if test_fraction is None else test_fraction
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"test fraction must lie strictly between 0 and 1, not {fraction}")
+    val = DEFAULT_VAL_FRACTION[name] if val_fraction is None else val_fraction
+    if val is not None and not 0.0 <= val < 1.0:
+        raise ValueError(f"val fraction must lie in [0, 1), not {val}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
     src = Path(src).expanduser().resolve()
     if not src.is_dir():
         raise DatasetLayoutError(f"{name}: source folder {src} does not exist")
-    return importer(src, Path(out), test_fraction=fraction, seed=seed, limit=limit)
+    return importer(src, Path(out), test_fraction=fraction, seed=seed, limit=limit, val_fraction=val)
 
 

@@ -141,12 +141,19 @@ def _intensity(image: np.ndarray, style: MRISiteStyle, rng: np.random.Generator)
 
 def derive_mri_federation(src_image: str | Path, src_label: str | Path, out_dir: str | Path,
                           sites: int = 3, seed: int = 0, volumes_per_site: int = 4,
-                          test_per_site: int = 1, organ: str | int = "liver") -> list[Path]:
-    """Write ``sites`` site folders of derived NIfTI volumes and return their manifest paths."""
+                          test_per_site: int = 1, organ: str | int = "liver",
+                          val_per_site: int = 0) -> list[Path]:
+    """Write ``sites`` site folders of derived NIfTI volumes and return their manifest paths.
+
+    The last ``test_per_site`` volumes of a site are test and the ``val_per_site`` before them
+    val (model selection in sweeps must not look at test); the rest train.
+    """
     import nibabel as nib
 
     if sites < 1 or volumes_per_site < 2 or not 1 <= test_per_site < volumes_per_site:
         raise ValueError("need sites >= 1 and 1 <= test_per_site < volumes_per_site")
+    if not 0 <= val_per_site < volumes_per_site - test_per_site:
+        raise ValueError("need 0 <= val_per_site < volumes_per_site - test_per_site (one train volume at least)")
     label_value = ORGAN_LABELS[organ] if isinstance(organ, str) else int(organ)
     src = nib.load(str(src_image))
     image = np.asarray(src.dataobj, dtype=np.float32)
@@ -183,7 +190,9 @@ def derive_mri_federation(src_image: str | Path, src_label: str | Path, out_dir:
                 nifti.set_qform(new_affine, code=1)
                 nifti.set_sform(new_affine, code=1)
                 nib.save(nifti, str(folder / sub / f"{volume_id}.nii.gz"))
-            split = "test" if j >= volumes_per_site - test_per_site else "train"
+            first_test = volumes_per_site - test_per_site
+            split = ("test" if j >= first_test else
+                     "val" if j >= first_test - val_per_site else "train")
             rows.append({"id": volume_id, "image": f"images/{volume_id}.nii.gz",
                          "label": f"labels/{volume_id}.nii.gz", "split": split})
         manifests.append(write_manifest(
