@@ -18,12 +18,15 @@ app = typer.Typer(
 
 def _attach() -> None:
     """Register every command module (one line each)."""
-    from fedfair_med.cli import data_commands, report_commands, run_commands, sweep_commands
+    from fedfair_med.cli import (
+        data_commands, federation_commands, report_commands, run_commands, sweep_commands,
+    )
 
     run_commands.register(app)
     data_commands.register(app)
     report_commands.register(app)
     sweep_commands.register(app)
+    federation_commands.register(app)
 
 
 _attach()

@@ -41,7 +41,7 @@ from fedfair_med.runtime.openfl.protocol import (
 from fedfair_med.runtime.site import build_global_model, resolve
 from fedfair_med.tasks import build_task
 
-PLAN_DIR = Path(__file__).resolve().parent / "plans"
+PLAN_DIR = Path(str(resources.files("fedfair_med.plans")))  # the repository's plans/ folder
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SYNTHETIC_TASKS = ("synthetic-seg", "synthetic-cls")
 
@@ -369,4 +369,4 @@ def bundle_site(bundle: Path) -> str:
 
 
 def package_resources() -> list[str]:  # for packaging checks
-    return [p.name for p in resources.files(__package__).joinpath("plans").iterdir()]
+    return [p.name for p in resources.files("fedfair_med.plans").iterdir()]
