@@ -17,7 +17,7 @@ the train and test images bit-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +107,22 @@ def _segmentation_image(rng: np.random.Generator, style: SiteStyle, size: int) -
     return image.astype(np.float32)[None], mask.astype(np.float32)[None]
 
 
+def _federation(sites: tuple[SiteStyle, ...], seed: int, stream: int, scale: float,
+                n_val: int | None, minimum: int, make_split: Callable[..., TensorSamples],
+                description: str) -> Federation:
+    """Generate every split of every site from its own seeded stream (site k, split)."""
+    out = []
+    for k, style in enumerate(sites):
+        splits = {}
+        for split, n in _split_sizes(style, scale, n_val, minimum=minimum):
+            rng = np.random.default_rng([seed, stream + k, _STREAM[split]])
+            ids = [f"{style.name}-{split}-{i:03d}" for i in range(n)]
+            splits[split] = make_split(rng, style, ids)
+        out.append(SiteData(style.name, splits["train"], splits["test"], splits.get("val"),
+                            attributes=("sex", "age", "age_band")))
+    return Federation(out, attributes=("sex", "age", "age_band"), description=description)
+
+
 def synthetic_segmentation(seed: int = 0, size: int = 32,
                            sites: tuple[SiteStyle, ...] = SEGMENTATION_SITES,
                            scale: float = 1.0, n_val: int | None = None,
@@ -115,21 +131,14 @@ def synthetic_segmentation(seed: int = 0, size: int = 32,
 
     ``n_val`` overrides every site's validation size (0: no val split).
     """
-    out = []
-    for k, style in enumerate(sites):
-        splits = {}
-        for split, n in _split_sizes(style, scale, n_val, minimum=2):
-            rng = np.random.default_rng([seed, k, _STREAM[split]])
-            pairs = [_segmentation_image(rng, style, size) for _ in range(n)]
-            images = torch.from_numpy(np.stack([p[0] for p in pairs]))
-            masks = torch.from_numpy(np.stack([p[1] for p in pairs]))
-            ids = [f"{style.name}-{split}-{i:03d}" for i in range(n)]
-            splits[split] = TensorSamples(images, masks, ids, style.name,
-                                          _demographics(rng, n, age_edges))
-        out.append(SiteData(style.name, splits["train"], splits["test"], splits.get("val"),
-                            attributes=("sex", "age", "age_band")))
-    return Federation(out, attributes=("sex", "age", "age_band"),
-                      description="synthetic blob-and-vessel segmentation, 3 sites")
+    def make_split(rng: np.random.Generator, style: SiteStyle, ids: list[str]) -> TensorSamples:
+        pairs = [_segmentation_image(rng, style, size) for _ in ids]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        masks = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        return TensorSamples(images, masks, ids, style.name, _demographics(rng, len(ids), age_edges))
+
+    return _federation(sites, seed, 0, scale, n_val, 2, make_split,
+                       "synthetic blob-and-vessel segmentation, 3 sites")
 
 
 def _classification_image(rng: np.random.Generator, label: int, old: bool, size: int,
@@ -163,23 +172,16 @@ def synthetic_classification(seed: int = 0, size: int = 32,
 
     ``n_val`` overrides every site's validation size (0: no val split).
     """
-    out = []
-    for k, style in enumerate(sites):
-        splits = {}
-        for split, n in _split_sizes(style, scale, n_val, minimum=4):
-            rng = np.random.default_rng([seed, 100 + k, _STREAM[split]])
-            demo = _demographics(rng, n, age_edges)
-            labels, images = [], []
-            for sex, age in zip(demo["sex"], demo["age"]):
-                p = (0.55 if age > 60 else 0.2) + (0.1 if sex == "male" else 0.0)
-                y = int(rng.random() < p)
-                labels.append(y)
-                images.append(_classification_image(rng, y, age > 60, size, style))
-            ids = [f"{style.name}-{split}-{i:03d}" for i in range(n)]
-            splits[split] = TensorSamples(torch.from_numpy(np.stack(images)),
-                                          torch.tensor(labels, dtype=torch.long), ids,
-                                          style.name, demo)
-        out.append(SiteData(style.name, splits["train"], splits["test"], splits.get("val"),
-                            attributes=("sex", "age", "age_band")))
-    return Federation(out, attributes=("sex", "age", "age_band"),
-                      description="synthetic textured-lesion classification, 3 sites")
+    def make_split(rng: np.random.Generator, style: SiteStyle, ids: list[str]) -> TensorSamples:
+        demo = _demographics(rng, len(ids), age_edges)
+        labels, images = [], []
+        for sex, age in zip(demo["sex"], demo["age"]):
+            p = (0.55 if age > 60 else 0.2) + (0.1 if sex == "male" else 0.0)
+            y = int(rng.random() < p)
+            labels.append(y)
+            images.append(_classification_image(rng, y, age > 60, size, style))
+        return TensorSamples(torch.from_numpy(np.stack(images)),
+                             torch.tensor(labels, dtype=torch.long), ids, style.name, demo)
+
+    return _federation(sites, seed, 100, scale, n_val, 4, make_split,
+                       "synthetic textured-lesion classification, 3 sites")

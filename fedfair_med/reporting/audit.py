@@ -56,12 +56,14 @@ def gap_definition(name: str, primary_metric: str = "metric") -> str:
     raise ValueError(f"unknown gap {name!r}")
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy (strict JSON has no NaN): arrays/tensors/numpy scalars to Python, NaN/inf to None."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, np.generic):  # numpy array, torch tensor
+        return json_safe(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -248,4 +250,4 @@ def build_report(
             "ci_level": 0.95,
         },
     }
-    return _clean(report)
+    return json_safe(report)

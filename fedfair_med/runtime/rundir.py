@@ -8,7 +8,6 @@ site), ``report.json`` / ``report.md`` / ``report.html`` and ``model.pt`` (final
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,21 +15,9 @@ import pandas as pd
 import torch
 
 from fedfair_med.config import RunConfig, dump_config
+from fedfair_med.reporting.audit import json_safe
 
 RUN_FILES = ("run.yaml", "metrics.jsonl", "report.json", "model.pt")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null, tensors become numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _clean(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class RunDirectory:
@@ -45,7 +32,7 @@ class RunDirectory:
 
     def log_round(self, record: Mapping[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(_clean(dict(record)), sort_keys=False) + "\n")
+            fh.write(json.dumps(json_safe(dict(record)), sort_keys=False) + "\n")
 
     def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
         target = self.path / "model.pt"
@@ -59,7 +46,7 @@ class RunDirectory:
 
     def write_json(self, name: str, content: Mapping[str, Any]) -> Path:
         target = self.path / name
-        target.write_text(json.dumps(_clean(dict(content)), indent=2))
+        target.write_text(json.dumps(json_safe(dict(content)), indent=2))
         return target
 
 
