@@ -204,7 +204,7 @@ def test_carried_statistics_broadcast_one_coefficient_per_group(tmp_path) -> Non
 
     cfg = RunConfig(task="synthetic-cls", method="flexfair", criterion="dp", attribute="age_band",
                     method_params={"lam": 1.0}, rounds=2, max_steps=2, data={"scale": 0.25})
-    algorithm = build_algorithm("flexfair", lam=1.0, criterion="dp")
+    algorithm = build_algorithm("flexfair", lam=1.0)
     assert not algorithm.wants_statistics(1, {})
     result = run_simulation(cfg, tmp_path / "run")
     assert result.final["gaps"]["dp:age_band"] >= 0.0

@@ -74,7 +74,7 @@ def test_only_fixed_size_aggregates_leave_a_site() -> None:
         site = build_sites(cfg, task)[0]
         model = build_global_model(cfg, task)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        update = site.train(build_algorithm("flexfair", lam=1.0, criterion="dp"), model, state, {}, 1)
+        update = site.train(build_algorithm("flexfair", lam=1.0), model, state, {}, 1)
         assert set(update.state) == set(state)
         assert all(update.state[k].shape == state[k].shape for k in state)
         predictions, summary = site.evaluate(model, update.state)

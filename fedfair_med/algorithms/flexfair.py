@@ -47,7 +47,7 @@ class FlexFair(Algorithm):
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
-        return {"lam": 1.0, "weighting": "uniform", "statistics": "carried", "criterion": "ea"}
+        return {"lam": 1.0, "weighting": "uniform", "statistics": "carried"}
 
     def validate_params(self) -> None:
         lam = self.params["lam"]
