@@ -291,6 +291,9 @@ def test_a_killed_site_is_dropped_and_the_run_finishes(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == [1]
     assert records[0]["dropped"] == ["site-c"]
     assert set(records[0]["sites"]) == {"site-a", "site-b"}
-    assert set(records[0]["train_loss"]) == {"site-a", "site-b"}
+    # site-c is killed right after it logs its training; on a loaded machine its update may
+    # already be on the wire by then, so it may or may not count in the aggregate — but it
+    # never evaluates, and the run must record it as dropped.
+    assert {"site-a", "site-b"} <= set(records[0]["train_loss"]) <= {"site-a", "site-b", "site-c"}
     assert json.loads((ws / "run/federation.json").read_text())["dropped"] == {"1": ["site-c"]}
     assert (ws / "run/model.pt").exists()
