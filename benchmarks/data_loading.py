@@ -31,12 +31,14 @@ WAIT_TARGET = 0.05
 
 
 class TimedLoader:
-    """Wraps a loader; ``data_s`` accumulates the time spent producing batches."""
+    """Wraps a loader; ``data_s`` / ``data_cpu_s`` accumulate the wall / CPU time spent producing
+    batches (with ``num_workers=0`` that is all on this thread, so CPU time is the work done,
+    not counting moments another job held the core)."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
         self.dataset = getattr(loader, "dataset", None)  # num_examples() reads it
-        self.data_s = 0.0
+        self.data_s = self.data_cpu_s = 0.0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -44,13 +46,14 @@ class TimedLoader:
     def __iter__(self) -> Iterator[Any]:
         iterator = iter(self.loader)
         while True:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 batch = next(iterator)
             except StopIteration:
-                self.data_s += time.perf_counter() - start
                 return
-            self.data_s += time.perf_counter() - start
+            finally:
+                self.data_s += time.perf_counter() - start
+                self.data_cpu_s += time.process_time() - cpu
             yield batch
 
 
@@ -141,7 +144,7 @@ def training_wait(task_name: str, manifests: list[str], epochs: int) -> dict[str
     for epoch in range(1, epochs + 1):
         for cache in ((False, True) if epoch % 2 else (True, False)):
             side = sides[cache]
-            data_s = total_s = 0.0
+            data_s = total_s = data_cpu_s = total_cpu_s = 0.0
             for site in side["sites"]:
                 seed = derive_seed(0, epoch, site.site_index)
                 loader = TimedLoader(make_loader(site.train_set, site.resolved.batch_size, shuffle=True,
@@ -149,19 +152,24 @@ def training_wait(task_name: str, manifests: list[str], epochs: int) -> dict[str
                 ctx = SiteContext(site=site.name, site_index=site.site_index, loader=loader,
                                   objective=site.objective, settings=site.resolved.settings,
                                   round=epoch, num_groups=site.num_groups)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 side["algorithm"].client_update(ctx, side["model"], side["state"], {}, site.private_state)
                 total_s += time.perf_counter() - start
+                total_cpu_s += time.process_time() - cpu
                 data_s += loader.data_s
+                data_cpu_s += loader.data_cpu_s
             side["epochs"].append({"epoch": epoch, "data_s": data_s, "total_s": total_s,
-                                   "data_share": data_s / total_s})
+                                   "data_share": data_s / total_s, "data_cpu_s": data_cpu_s,
+                                   "total_cpu_s": total_cpu_s, "data_share_cpu": data_cpu_s / total_cpu_s})
     out = {}
     for cache, side in sides.items():
-        later = [e["data_share"] for e in side["epochs"][1:]]
-        share = bench.spread(later)["median"] if later else side["epochs"][0]["data_share"]
+        later = side["epochs"][1:] or side["epochs"]
+        share = bench.spread([e["data_share"] for e in later])["median"]
+        share_cpu = bench.spread([e["data_share_cpu"] for e in later])["median"]
         out["cached" if cache else "uncached"] = {
             "epochs": side["epochs"], "data_share_after_first_epoch": share,
-            "meets_target": share <= WAIT_TARGET}
+            "data_share_cpu_after_first_epoch": share_cpu,
+            "meets_target": share <= WAIT_TARGET, "meets_target_cpu": share_cpu <= WAIT_TARGET}
     return out
 
 
@@ -194,11 +202,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ("uncached", "cached"):
             t, w = r["throughput"][key], r["training_wait"][key]
             rows.append([r["task"], key, t["build_s"], t["images_per_s"]["median"],
-                         f"{w['epochs'][0]['data_share']:.1%}", f"{w['data_share_after_first_epoch']:.1%}",
-                         bench.verdict(w["data_share_after_first_epoch"], WAIT_TARGET)])
+                         f"{w['epochs'][0]['data_share']:.1%} / {w['epochs'][0]['data_share_cpu']:.1%}",
+                         f"{w['data_share_after_first_epoch']:.1%} / {w['data_share_cpu_after_first_epoch']:.1%}",
+                         bench.verdict(w["data_share_after_first_epoch"], WAIT_TARGET) + " / "
+                         + bench.verdict(w["data_share_cpu_after_first_epoch"], WAIT_TARGET)])
     bench.print_table("MONAI pipelines: throughput and time waiting on data during local training",
-                      ["task", "pipeline", "build s", "images/s", "wait epoch 1", "wait later",
-                       f"≤ {WAIT_TARGET:.0%}"], rows)
+                      ["task", "pipeline", "build s", "images/s", "wait epoch 1 (wall / CPU)",
+                       "wait later (wall / CPU)", f"≤ {WAIT_TARGET:.0%} (wall / CPU)"], rows)
     print(f"wrote {path}")
     return payload
 
