@@ -77,6 +77,9 @@ def init_federation_cmd(
         None, "--straggler-timeout", help="Seconds before a round goes on without silent sites."),
     min_sites: Optional[int] = typer.Option(None, "--min-sites", help="Sites a round needs (with --straggler-timeout)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing workspace."),
+    secure_aggregation: bool = typer.Option(
+        False, "--secure-aggregation",
+        help="Sites mask their updates; the aggregator only decodes sums over all sites."),
 ) -> None:
     """Render the plan, create the certificate authority and one set-up bundle per site."""
     from fedfair_med.runtime.openfl.workspace import FederationError, init_federation
@@ -100,7 +103,8 @@ def init_federation_cmd(
         site_list = [s.strip() for s in sites.split(",") if s.strip()]
         return init_federation(name, method=method, task=task, sites=site_list, host=aggregator_host,
                                port=port, overrides=overrides, workspaces_dir=workspaces_dir,
-                               straggler_cutoff_s=straggler_timeout, min_sites=min_sites, force=force)
+                               straggler_cutoff_s=straggler_timeout, min_sites=min_sites, force=force,
+                               secure_aggregation=secure_aggregation)
 
     ws = _guard(act)
     console.print(f"[green]✓[/green] federation [bold]{name}[/bold] ready in {ws.path}")
@@ -137,11 +141,18 @@ def collaborator_setup(
             raise FederationError(f"this bundle was made for site {bundle_site(folder)!r}, not {name!r}")
         if manifest is not None:
             _check_manifest(manifest, spec["run"]["task"], name)
+        if spec.get("secure_aggregation"):
+            from fedfair_med.runtime.openfl.secure import make_site_keys
+
+            make_site_keys(folder, name)
         return make_certificate_request(folder, name)
 
     request = _guard(act)
     console.print(f"[green]✓[/green] key kept in {request.with_suffix('.key')} (never send it)")
     console.print(f"Send [bold]{request}[/bold] to the coordinating centre for signing.")
+    public = request.parent / f"col_{name}.secagg.pub"
+    if public.exists():
+        console.print(f"Secure aggregation: send [bold]{public}[/bold] with it (a public key).")
 
 
 def _check_manifest(manifest: Path, task: str, site: str) -> None:
@@ -177,14 +188,19 @@ def aggregator_start(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds."),
     finish_grace: float = typer.Option(
         15.0, "--finish-grace", help="Seconds to wait, after the last round, for sites to be told to stop."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the checkpoint of the last finished round (same plan only)."),
+    idle_timeout: float = typer.Option(
+        1800.0, "--idle-timeout", help="Stop if no site reports anything for this many seconds."),
 ) -> None:
     """Run every round; write run.yaml, metrics.jsonl, model.pt and report.json to WORKSPACE/run."""
     import json
 
     from fedfair_med.runtime.openfl.process import run_aggregator
 
-    console.print(f"aggregator serving {workspace} …")
-    run_dir = _guard(lambda: run_aggregator(workspace, timeout_s=timeout, finish_grace_s=finish_grace))
+    console.print(f"aggregator serving {workspace}{' (resuming)' if resume else ''} …")
+    run_dir = _guard(lambda: run_aggregator(workspace, timeout_s=timeout, finish_grace_s=finish_grace,
+                                            resume=resume, idle_timeout_s=idle_timeout))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     for line in lines:
         record = json.loads(line)
@@ -200,6 +216,8 @@ def collaborator_start(
     certificate: Optional[Path] = typer.Option(None, "--certificate", help="The signed col_SITE.crt, if not yet in the bundle."),
     manifest: Optional[Path] = typer.Option(None, "--manifest"),
     connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Give up after this many seconds without the aggregator."),
+    call_timeout: float = typer.Option(
+        300.0, "--call-timeout", help="Deadline of one call to the aggregator (then retried)."),
 ) -> None:
     """Join the federation: train, evaluate, send only weights and aggregate summaries."""
     from fedfair_med.runtime.openfl.process import run_collaborator
@@ -217,7 +235,7 @@ def collaborator_start(
             console.print(f"  {name}: {task.replace('fedfair_', '')} round {round_index} {detail}")
 
         return run_collaborator(folder, name, manifest=manifest, connect_timeout_s=connect_timeout,
-                                progress=progress)
+                                call_timeout_s=call_timeout, progress=progress)
 
     out = _guard(act)
     console.print(f"[green]✓[/green] {name} finished; predictions stay in {out}")

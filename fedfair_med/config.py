@@ -8,6 +8,7 @@ message per problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -54,7 +55,9 @@ class RunConfig:
         from fedfair_med.fairness.criteria import Criterion
         from fedfair_med.tasks import TASKS
 
-        problems = []
+        problems = self._type_problems()
+        if problems:  # the checks below assume the declared types
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         if self.task not in TASKS:
             problems.append(f"task: unknown task {self.task!r}; choose one of {sorted(TASKS)}")
         if self.method not in REGISTRY:
@@ -84,6 +87,46 @@ class RunConfig:
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return self
+
+    def _type_problems(self) -> list[str]:
+        """Each key has its declared type (YAML can give any value; say which key is wrong)."""
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        def integer(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = {
+            "name": (str, False), "task": (str, False), "method": (str, False),
+            "criterion": (str, False), "attribute": (str, False), "runtime": (str, False),
+            "method_params": (dict, False), "network_kwargs": (dict, False), "data": (dict, False),
+            "privacy": (dict, False), "optimizer": (str, True), "network": (str, True),
+        }
+        problems = []
+        for key, (kind, optional) in checks.items():
+            value = getattr(self, key)
+            if not (isinstance(value, kind) or (optional and value is None)):
+                problems.append(f"{key}: must be a {kind.__name__}{' or null' if optional else ''}, "
+                                f"got {value!r}")
+            elif kind is dict and not all(isinstance(k, str) for k in value):
+                problems.append(f"{key}: keys must be strings, got {sorted(map(repr, value))}")
+        for key in ("rounds", "epochs", "batch_size", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and not integer(value):
+                problems.append(f"{key}: must be an integer, got {value!r}")
+        if not integer(self.seed):
+            problems.append(f"seed: must be an integer, got {self.seed!r}")
+        for key in ("lr", "momentum"):
+            value = getattr(self, key)
+            if value is not None and not number(value):
+                problems.append(f"{key}: must be a number, got {value!r}")
+        if self.attributes is not None and not (isinstance(self.attributes, list)
+                                                and all(isinstance(a, str) for a in self.attributes)):
+            problems.append(f"attributes: must be a list of names, got {self.attributes!r}")
+        if not (isinstance(self.age_edges, list) and self.age_edges
+                and all(number(e) and math.isfinite(e) for e in self.age_edges)):
+            problems.append(f"age_edges: must be a non-empty list of finite numbers, got {self.age_edges!r}")
+        return problems
 
     def _privacy_problems(self, registry: Mapping[str, Any]) -> list[str]:
         """The ``privacy`` option is valid and protects something this method actually shares."""
@@ -124,7 +167,7 @@ def load_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> Run
         raise ConfigError("configuration must be a mapping of keys to values")
     raw.pop("resolved", None)  # derived facts a run directory's run.yaml carries
     known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s) {unknown}; known keys: {sorted(known)}")
     raw.update({k: v for k, v in overrides.items() if v is not None})

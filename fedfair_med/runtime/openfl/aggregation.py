@@ -14,8 +14,13 @@ and collaborators receive it with the weights. Every other tensor (extras, summa
 :class:`FedFairAggregator` adds what OpenFL lacks around that: it writes the same run directory as
 the simulation (``run.yaml``, ``metrics.jsonl`` from the sites' evaluation summaries combined with
 :func:`combine_summaries`, ``model.pt`` with the *final* aggregate — ``save/last.pbuf`` holds the
-model that entered the last round — and ``report.json``), and records which sites dropped out of
-a round under the plan's straggler policy.
+model that entered the last round — and ``report.json``), records which sites dropped out of
+a round under the plan's straggler policy, and checkpoints after every round (``save/resume.pbuf``
++ ``resume.json``) so that ``aggregator start --resume`` can continue an interrupted run.
+
+Under secure aggregation (:mod:`~fedfair_med.runtime.openfl.secure`) the sites' tensors are
+masked; :meth:`MethodAggregation._aggregate_secure_round` decodes only their sums over all sites
+and calls the method on that single pseudo-update.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ from fedfair_med.fairness.aggregate import combine_summaries
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
-    TRAINED_TAG, FederationSpec, pack_state, tables_to_summary, to_numpy, to_torch, unpack_state,
+    TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_numpy, to_torch, unpack_state,
 )
+from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
+from fedfair_med.reporting.audit import json_safe
 from fedfair_med.runtime.rundir import RunDirectory
 from fedfair_med.runtime.site import build_global_model, derive_seed
 from fedfair_med.tasks import build_task
@@ -66,6 +73,10 @@ def site_tensors(rows: Rows, tag: str, site: str,
     """A site's tensors with ``tag`` whose names start with ``prefix`` (prefix removed)."""
     return {name[len(prefix):]: value for (name, tags), value in rows.items()
             if tags == frozenset((tag, site)) and name.startswith(prefix)}
+
+
+#: Files of the aggregator's checkpoint (in the workspace's ``save/``), rewritten after each round.
+CHECKPOINT_MODEL, CHECKPOINT_STATE = "resume.pbuf", "resume.json"
 
 
 class MethodAggregation(AggregationFunction):
@@ -96,6 +107,8 @@ class MethodAggregation(AggregationFunction):
         rows = _round_rows(table, fl_round)
         global_state: StateDict = {k: to_torch(rows[(k, frozenset((MODEL_TAG,)))]) for k in self.model_keys}
         server_state = unpack_state(rows[(SERVER_STATE, frozenset((MODEL_TAG,)))])
+        if self.spec.secure_aggregation:
+            return self._aggregate_secure_round(rows, fl_round, sites, global_state, server_state)
         schedule = self.spec.schedule
         stats_round, train_round = schedule.statistics_round(fl_round), schedule.train_round(fl_round)
         if stats_round is not None:
@@ -121,10 +134,46 @@ class MethodAggregation(AggregationFunction):
         return out
 
 
+    def _aggregate_secure_round(self, rows: Rows, fl_round: int, sites: list[str],
+                                global_state: StateDict, server_state: StateDict) -> dict[str, np.ndarray]:
+        """Secure aggregation: decode only Σ over *all* sites, call the method on that one sum.
+
+        A round in which a site did not report is refused (the masks would not cancel).
+        """
+        public_keys = {k: v for k, v in server_state.items() if k.startswith(PUBLIC_KEY_PREFIX)}
+        _, server_state = split_public_keys(server_state)
+        schedule = self.spec.schedule
+        stats_round, train_round = schedule.statistics_round(fl_round), schedule.train_round(fl_round)
+
+        def received(tag: str, s: str) -> dict[str, np.ndarray]:
+            out = {name: value for (name, tags), value in rows.items() if tags == frozenset((tag, s))}
+            return out
+
+        counts = {s: int(np.asarray(received(EXTRA_TAG, s).get(NUM_SAMPLES, 0))) for s in sites}
+        new_state = global_state
+        if stats_round is not None:
+            if self.algorithm.wants_statistics(stats_round, server_state):
+                by_site = {s: received(EXTRA_TAG, s) for s in sites}
+                summed = summed_update(by_site, self.spec.sites, None, counts)
+                server_state = self.algorithm.absorb_statistics(server_state, {PSEUDO_SITE: summed.extras})
+        elif train_round is not None:
+            by_site = {s: {**received(TRAINED_TAG, s), **received(EXTRA_TAG, s)} for s in sites}
+            summed = summed_update(by_site, self.spec.sites, global_state, counts)
+            torch.manual_seed(derive_seed(self.config.seed, train_round, "server"))
+            new_state, server_state = self.algorithm.aggregate(global_state, {PSEUDO_SITE: summed}, server_state)
+        else:
+            raise RuntimeError(f"OpenFL round {fl_round} has no training or statistics phase")
+        out = {k: to_numpy(new_state[k]) for k in self.model_keys}
+        out[SERVER_STATE] = pack_state({**server_state, **public_keys})
+        return out
+
+
 class FedFairAggregator(Aggregator):
     """OpenFL's aggregator plus our run directory, final-model export and drop-out record."""
 
-    def __init__(self, *args: Any, spec: Mapping[str, Any], run_dir: str = "run", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, spec: Mapping[str, Any], run_dir: str = "run",
+                 checkpoint_dir: str | None = None, plan_sha256: str = "",
+                 resume_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.spec = FederationSpec.from_settings(spec)
         self.config = self.spec.config()
@@ -137,6 +186,11 @@ class FedFairAggregator(Aggregator):
         self.dropped: dict[int, list[str]] = {}
         self._train: dict[int, dict[str, float]] = {}
         self._started = time.perf_counter()
+        self._records: list[dict[str, Any]] = []
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.plan_sha256 = plan_sha256
+        if resume_from is not None:
+            self._restore(Path(resume_from))
 
     def _end_of_round_check(self) -> None:
         k = self.round_number
@@ -152,6 +206,8 @@ class FedFairAggregator(Aggregator):
             self._record(k, done, missing, rows)
             if final_model is not None:
                 self._finish(final_model)
+            else:
+                self._checkpoint(k + 1)
         except Exception as err:  # surfaced by run_aggregator, which stops the federation
             logger.exception("round %d failed", k)
             self.failure = f"OpenFL round {k} failed: {type(err).__name__}: {err}"
@@ -160,6 +216,8 @@ class FedFairAggregator(Aggregator):
     def _record(self, k: int, done: list[str], missing: list[str],
                 rows: Rows) -> None:
         schedule = self.spec.schedule
+        if missing:
+            logger.warning("OpenFL round %d: site(s) %s dropped out of this round", k, ", ".join(missing))
         for method_round in (schedule.statistics_round(k), schedule.train_round(k)):
             if method_round is not None and missing:
                 self.dropped.setdefault(method_round, [])
@@ -184,6 +242,7 @@ class FedFairAggregator(Aggregator):
             record["dropped"] = dropped
             self.dropped[evaluated] = dropped
         self.rundir.log_round(record)
+        self._records.append(json_safe(record))
         self._last_record = record
         logger.info("round %d: metric %.4f", evaluated, record["metric"])
 
@@ -203,7 +262,59 @@ class FedFairAggregator(Aggregator):
             write_reports(self.rundir.path)
         except Exception as err:  # a report failure must not lose the finished run
             logger.warning("could not write the report: %s", err)
+        if self.checkpoint_dir is not None:  # a finished run is never resumed
+            for name in (CHECKPOINT_STATE, CHECKPOINT_MODEL):
+                (self.checkpoint_dir / name).unlink(missing_ok=True)
         self.finished = True
+
+    # ---- checkpoint / resume ---------------------------------------------------------------
+    def _checkpoint(self, next_round: int) -> None:
+        """After OpenFL round k: the model entering round k+1 (+ server state) and the run so far.
+
+        Written atomically (temporary file, then rename; the model before the state that names
+        it), so a crash at any moment leaves the previous checkpoint or this one, never half.
+        """
+        if self.checkpoint_dir is None:
+            return
+        from openfl.protocols import utils
+        from openfl.utilities import TensorKey
+
+        tensors = {}
+        for name in [*self.model_keys, SERVER_STATE]:
+            value = self.tensor_db.get_tensor_from_cache(TensorKey(name, self.uuid, next_round, False, (MODEL_TAG,)))
+            if value is None:
+                logger.warning("no checkpoint after round %d: %s is missing", next_round - 1, name)
+                return
+            tensors[name] = value
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        model_path = self.checkpoint_dir / CHECKPOINT_MODEL
+        tmp = model_path.with_suffix(".tmp")
+        utils.dump_proto(utils.construct_model_proto(tensors, next_round, LosslessPipeline()), str(tmp))
+        tmp.replace(model_path)
+        state = {"plan_sha256": self.plan_sha256, "openfl_round": next_round,
+                 "openfl_rounds": self.rounds_to_train, "records": self._records,
+                 "dropped": {str(r): s for r, s in self.dropped.items()},
+                 "train_loss": {str(r): v for r, v in self._train.items()},
+                 "elapsed_s": round(time.perf_counter() - self._started, 3)}
+        state_path = self.checkpoint_dir / CHECKPOINT_STATE
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(json_safe(state), indent=1))
+        tmp.replace(state_path)
+
+    def _restore(self, state_path: Path) -> None:
+        """Continue a run from :meth:`_checkpoint`'s state (the model came in as the initial one)."""
+        state = json.loads(state_path.read_text())
+        if state["openfl_round"] != self.round_number:
+            raise RuntimeError(f"checkpoint says round {state['openfl_round']}, its model is round "
+                               f"{self.round_number}")
+        self.dropped = {int(r): list(s) for r, s in state["dropped"].items()}
+        self._train = {int(r): dict(v) for r, v in state["train_loss"].items()}
+        self._records = list(state["records"])
+        for record in self._records:  # metrics.jsonl holds exactly the checkpointed rounds again
+            self.rundir.log_round(record)
+        self._last_record = self._records[-1] if self._records else None
+        self._started -= float(state.get("elapsed_s", 0.0))
+        logger.info("resuming at OpenFL round %d", self.round_number)
 
 
 def federated_report(record: Mapping[str, Any], config: Any, sites: list[str],

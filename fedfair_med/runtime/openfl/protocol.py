@@ -39,7 +39,8 @@ MODEL_TAG, TRAINED_TAG, EXTRA_TAG, SUMMARY_TAG = "model", "trained", "fedfair_ex
 #: The columns of a summary table row, in the order :func:`site_summary` accumulates them.
 SUMMARY_FIELDS = ("n", "metric", "score", "n_pos", "score_pos")
 
-_DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
+_DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool",
+           "uint64"]  # uint64: secure aggregation's masked fixed-point tensors
 
 
 class _RawBytes(Transformer):
@@ -198,6 +199,8 @@ class FederationSpec:
     group_vocabulary: list[str]
     attributes: list[str]
     schedule: Schedule
+    #: sites send masked tensors; the aggregator decodes only sums (runtime/openfl/secure.py)
+    secure_aggregation: bool = False
 
     @classmethod
     def from_settings(cls, spec: Mapping[str, Any]) -> "FederationSpec":
@@ -206,7 +209,8 @@ class FederationSpec:
                    group_vocabulary=list(spec["group_vocabulary"]),
                    attributes=list(spec["attributes"]),
                    schedule=Schedule(int(spec["schedule"]["rounds"]),
-                                     bool(spec["schedule"]["statistics"])))
+                                     bool(spec["schedule"]["statistics"])),
+                   secure_aggregation=bool(spec.get("secure_aggregation", False)))
 
     def config(self) -> Any:
         from fedfair_med.config import RunConfig

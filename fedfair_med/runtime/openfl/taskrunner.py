@@ -42,6 +42,7 @@ from fedfair_med.runtime.openfl.protocol import (
     SUMMARY_PREFIX, SUMMARY_TAG, TRAIN, TRAINED_TAG, FederationSpec, summary_to_tables, to_numpy,
     to_torch, unpack_state,
 )
+from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
 from fedfair_med.runtime.site import SiteRunner, build_global_model
 from fedfair_med.tasks import build_task
 
@@ -78,9 +79,10 @@ class SiteTaskRunner(TaskRunner):
 
     def __init__(self, spec: Mapping[str, Any], site: str, manifest: str | None = None,
                  out_dir: str | Path = ".", progress: Callable[[str, int, dict[str, Any]], None] | None = None,
-                 data_loader: Any = None, **kwargs: Any) -> None:
+                 data_loader: Any = None, bundle: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(data_loader=data_loader, **kwargs)
         self.spec = FederationSpec.from_settings(spec)
+        self.spec_settings = dict(spec)
         self.config = self.spec.config()
         self.site_runner = load_site(self.spec, site, manifest)
         self.algorithm = build_algorithm(
@@ -89,6 +91,8 @@ class SiteTaskRunner(TaskRunner):
         self.model_keys = list(self.model.state_dict())
         self.out_dir = Path(out_dir)
         self.progress = progress
+        #: the site's bundle (its key-agreement key lives there under secure aggregation)
+        self.bundle = Path(bundle) if bundle is not None else None
         #: (task, round, tensor name, tags, shape, dtype) of everything this site sent
         self.sent: list[tuple[str, int, str, tuple[str, ...], tuple[int, ...], str]] = []
 
@@ -117,7 +121,28 @@ class SiteTaskRunner(TaskRunner):
     # ---- helpers ------------------------------------------------------------------------
     def _inputs(self, input_tensor_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         global_state = {k: to_torch(input_tensor_dict[k]) for k in self.model_keys}
-        return global_state, unpack_state(input_tensor_dict[SERVER_STATE])
+        server_state = unpack_state(input_tensor_dict[SERVER_STATE])
+        self._received_server_state = server_state
+        return global_state, split_public_keys(server_state)[1]
+
+    def _masked(self, task: str, col_name: str, round_num: int, state: Mapping[str, torch.Tensor] | None,
+                num_samples: int, extras: Mapping[str, Any]) -> tuple[dict, dict]:
+        """Secure aggregation: masked n_s·θ_s and extras (uint64), n_s, loss and steps in clear."""
+        if self.bundle is None:
+            raise ValueError("secure aggregation needs the site's bundle (its key-agreement key)")
+        party = make_party(self.spec_settings, self.site_runner.name, self.bundle, self._received_server_state)
+        masked, clear = mask_update(party, round_num, task, state, num_samples, extras)
+        tensors: dict[tuple[str, str], np.ndarray] = {}
+        for name, value in masked.items():
+            tensors[(name, TRAINED_TAG if state is not None and name in state else EXTRA_TAG)] = value
+        if state is None:
+            tensors.update(self._placeholders())
+        else:
+            tensors[(SERVER_STATE, TRAINED_TAG)] = np.zeros(0, dtype=np.uint8)
+        for name, value in clear.items():
+            tensors[(EXTRA_PREFIX + name, EXTRA_TAG)] = value
+        tensors[(NUM_SAMPLES, EXTRA_TAG)] = np.array(num_samples, dtype=np.int64)
+        return self._outputs(task, col_name, round_num, tensors)
 
     def _outputs(self, task: str, col_name: str, round_num: int,
                  tensors: Mapping[tuple[str, str], np.ndarray]) -> tuple[dict, dict]:
@@ -145,6 +170,9 @@ class SiteTaskRunner(TaskRunner):
         global_state, server_state = self._inputs(input_tensor_dict)
         broadcast = self.algorithm.broadcast(server_state, self.site_runner.name)
         update = self.site_runner.train(self.algorithm, self.model, global_state, broadcast, method_round)
+        if self.spec.secure_aggregation:
+            self._notify(TRAIN, method_round, {"loss": float(update.extras["loss"])})
+            return self._masked(TRAIN, col_name, round_num, update.state, update.num_samples, update.extras)
         tensors: dict[tuple[str, str], np.ndarray] = {
             (k, TRAINED_TAG): to_numpy(update.state[k]) for k in self.model_keys}
         tensors[(SERVER_STATE, TRAINED_TAG)] = np.zeros(0, dtype=np.uint8)
@@ -161,6 +189,9 @@ class SiteTaskRunner(TaskRunner):
         tensors = self._placeholders()
         if self.algorithm.wants_statistics(method_round, server_state):
             stats = self.site_runner.statistics(self.algorithm, self.model, global_state, method_round)
+            if self.spec.secure_aggregation:
+                self._notify(STATISTICS, method_round, {})
+                return self._masked(STATISTICS, col_name, round_num, None, 0, stats)
             for name, value in stats.items():
                 tensors[(EXTRA_PREFIX + name, EXTRA_TAG)] = to_numpy(torch.as_tensor(value))
         self._notify(STATISTICS, method_round, {})

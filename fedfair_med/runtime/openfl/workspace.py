@@ -98,6 +98,20 @@ def _vocabularies(config: RunConfig, sites: Sequence[str]) -> tuple[dict[str, li
     return vocab, vocab[config.attribute], attributes
 
 
+def check_address(host: str, port: int) -> None:
+    """The aggregator's address must be usable before anything is written: a port in 1–65535 and
+    a host name that resolves here (sites resolve it too; a typo would only show at start-up)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise FederationError(f"--port {port!r}: a port must be an integer between 1 and 65535")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as err:
+        raise FederationError(f"--aggregator-host {host!r} does not resolve ({err}); "
+                              "use the name or address sites will connect to") from None
+
+
 @dataclass
 class RenderedPlan:
     plan: dict[str, Any]
@@ -108,12 +122,16 @@ class RenderedPlan:
 def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "127.0.0.1",
                 port: int = 50051, overrides: Mapping[str, Any] | None = None,
                 straggler_cutoff_s: float | None = None, min_sites: int | None = None,
-                poll_interval_s: float = 0.2) -> RenderedPlan:
+                poll_interval_s: float = 0.2, secure_aggregation: bool = False) -> RenderedPlan:
     """The complete plan for ``method`` with ``overrides`` (RunConfig keys) applied and checked."""
     sites = list(sites)
+    duplicated = sorted({s for s in sites if sites.count(s) > 1})
+    if duplicated:
+        raise FederationError(f"site(s) {duplicated} listed more than once in --sites")
     bad = [s for s in sites if not SITE_NAME.match(s)]
     if bad or len(set(sites)) != len(sites) or len(sites) < 1:
         raise FederationError(f"sites must be distinct names of letters, digits, '-', '_' or '.'; got {sites}")
+    check_address(host, port)
     if straggler_cutoff_s is not None and straggler_cutoff_s <= 0:
         raise FederationError("the straggler cutoff must be a positive number of seconds")
     min_sites = len(sites) if min_sites is None else int(min_sites)
@@ -135,6 +153,18 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
         raise FederationError(f"configuration: {err}") from None
     except ConfigError as err:
         raise FederationError(str(err).replace("\n", " ")) from None
+    if secure_aggregation:
+        from fedfair_med.runtime.openfl.secure import method_problem
+
+        problem = method_problem(config.method)
+        if problem is not None:
+            raise FederationError(f"--secure-aggregation: cannot run {config.method}: {problem}; "
+                                  "secure aggregation reveals only sums over all sites")
+        if straggler_cutoff_s is not None:
+            raise FederationError("--secure-aggregation cannot be combined with --straggler-timeout: "
+                                  "the masks cancel only when every site reports (no dropout recovery)")
+        if len(sites) < 2:
+            raise FederationError("--secure-aggregation needs at least two sites")
     task_obj = build_task(config.task)
     rounds = resolve(config, task_obj).rounds
     algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
@@ -146,7 +176,8 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
     vocab, group_vocab, attributes = _vocabularies(config, sites)
     spec = {"run": config.to_dict(), "sites": sites, "vocabularies": vocab,
             "group_vocabulary": group_vocab, "attributes": attributes,
-            "schedule": {"rounds": rounds, "statistics": statistics}}
+            "schedule": {"rounds": rounds, "statistics": statistics},
+            "secure_aggregation": bool(secure_aggregation)}
     plan["aggregator"]["settings"]["rounds_to_train"] = schedule.openfl_rounds
     plan["aggregator"]["settings"]["spec"] = spec
     plan["assigner"]["settings"]["schedule"] = spec["schedule"]
@@ -298,6 +329,16 @@ def certify_request(workspace: Path, request: Path) -> Path:
     csr = x509.load_pem_x509_csr(Path(request).read_bytes())
     signing_key, signing_cert = _signing_ca(workspace / "cert")
     cert = sign_certificate(csr, signing_key, signing_cert.subject)
+    spec = plan_spec(load_plan(workspace / "plan/plan.yaml"))
+    if spec.get("secure_aggregation"):
+        from fedfair_med.runtime.openfl.secure import publish_public_key, public_key_path, read_hex_key
+
+        pub_path = public_key_path(request, name)
+        if not pub_path.exists():
+            raise FederationError(f"secure aggregation: {pub_path.name} must come with {Path(request).name} "
+                                  "(the site's key-agreement public key, made by `collaborator setup`)")
+        public_key = read_hex_key(pub_path, "key-agreement public key")
+        publish_public_key(workspace / "save/init.pbuf", name, public_key)
     target = workspace / f"certified/col_{name}.crt"
     _write_pem(target, _cert_pem(cert))
     return target
@@ -318,7 +359,8 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
                     overrides: Mapping[str, Any] | None = None,
                     workspaces_dir: Path = Path("workspaces"),
                     straggler_cutoff_s: float | None = None, min_sites: int | None = None,
-                    poll_interval_s: float = 0.2, force: bool = False) -> FederationWorkspace:
+                    poll_interval_s: float = 0.2, force: bool = False,
+                    secure_aggregation: bool = False) -> FederationWorkspace:
     if not SITE_NAME.match(name):
         raise FederationError(f"federation name {name!r}: use letters, digits, '-', '_' or '.'")
     root = Path(workspaces_dir) / name
@@ -328,7 +370,7 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
         shutil.rmtree(root)
     rendered = render_plan(method, task=task, sites=sites, host=host, port=port, overrides=overrides,
                            straggler_cutoff_s=straggler_cutoff_s, min_sites=min_sites,
-                           poll_interval_s=poll_interval_s)
+                           poll_interval_s=poll_interval_s, secure_aggregation=secure_aggregation)
     plan_path = root / "plan/plan.yaml"
     dump_plan(rendered.plan, plan_path)
     (root / "plan/cols.yaml").write_text(yaml.safe_dump({"collaborators": list(sites)}))

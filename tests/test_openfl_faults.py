@@ -1,0 +1,308 @@
+"""Secure aggregation, crashes and restarts, bounded waits and bad configuration (OpenFL runtime).
+
+Process tests start real aggregator / collaborator processes on 127.0.0.1 with the federation's
+own certificates (helpers from ``test_openfl_federation``); everything else runs in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedfair_med.algorithms import REGISTRY, build_algorithm
+from fedfair_med.config import ConfigError, RunConfig, load_config
+from fedfair_med.privacy.secure_sum import FRACTION_BITS, SecureSumError, decode
+from fedfair_med.runtime.local import method_params
+from fedfair_med.runtime.openfl.aggregation import MethodAggregation
+from fedfair_med.runtime.openfl.protocol import (
+    MODEL_TAG, SERVER_STATE, TRAINED_TAG, pack_state, unpack_state,
+)
+from fedfair_med.runtime.openfl.secure import (
+    PUBLIC_KEY_PREFIX, SECURE_METHODS, make_site_keys, read_hex_key, summed_update,
+)
+from fedfair_med.runtime.openfl.taskrunner import SiteTaskRunner
+from fedfair_med.runtime.openfl.workspace import FederationError, render_plan
+from fedfair_med.runtime.rundir import read_metrics
+from fedfair_med.runtime.site import build_global_model
+from fedfair_med.tasks import build_task
+from test_openfl_federation import (
+    SITES, TINY, Processes, cli, free_port, make_federation, simulate,
+)
+
+pytestmark = pytest.mark.openfl
+
+
+# ---- secure aggregation, in-process ---------------------------------------------------------
+def _one_round(spec: dict, bundles: Path, task: str = "fedfair_train") -> tuple[dict, dict]:
+    """Every site trains once from the same start; MethodAggregation aggregates (as in OpenFL)."""
+    config = RunConfig(**spec["run"])
+    state0 = {k: v.detach().clone()
+              for k, v in build_global_model(config, build_task(config.task)).state_dict().items()}
+    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
+    server = algorithm.init_server_state(state0, SITES)
+    for site in SITES:  # what `certify` publishes in the initial server state
+        public = read_hex_key(bundles / site / f"cert/client/col_{site}.secagg.pub", "public key")
+        server[PUBLIC_KEY_PREFIX + site] = torch.tensor(list(public), dtype=torch.uint8)
+    inputs = {k: v.numpy() for k, v in state0.items()}
+    inputs[SERVER_STATE] = pack_state(server)
+    rows = [(k, 0, (MODEL_TAG,), v) for k, v in inputs.items()]
+    sent = {}
+    for site in SITES:
+        runner = SiteTaskRunner(spec, site=site, bundle=bundles / site)
+        out, _ = getattr(runner, task)(col_name=site, round_num=0, input_tensor_dict=inputs)
+        sent[site] = {key.tensor_name: value for key, value in out.items()}
+        rows += [(key.tensor_name, 0, tuple(sorted((*key.tags, site))), value) for key, value in out.items()]
+    table = pd.DataFrame(rows, columns=["tensor_name", "round", "tags", "nparray"])
+    aggregation = MethodAggregation(spec)
+    reporting = [SimpleNamespace(col_name=s) for s in SITES]
+    result = {k: aggregation.call(reporting, table, k, 0, (TRAINED_TAG,)) for k in [*state0, SERVER_STATE]}
+    return sent, result
+
+
+@pytest.mark.parametrize("method", ["fedavg", "flexfair-ea", "fedprox", "fairmixup", "dynamicfl"])
+def test_secure_aggregation_gives_the_plain_aggregate_and_hides_every_site(tmp_path: Path, method: str) -> None:
+    overrides = {**TINY, "method_params": {"lam": 2.0} if method.startswith("flexfair") else {}}
+    secure = render_plan(method, task="synthetic-seg", sites=SITES, overrides=overrides, secure_aggregation=True)
+    plain = render_plan(method, task="synthetic-seg", sites=SITES, overrides=overrides)
+    for site in SITES:
+        make_site_keys(tmp_path / site, site)
+    masked_sent, secure_result = _one_round(secure.spec, tmp_path)
+    plain_sent, plain_result = _one_round(plain.spec, tmp_path)
+    model_keys = [k for k in plain_result if k != SERVER_STATE]
+    for name in model_keys:  # the same aggregate, within fixed point (then float32 rounding)
+        got, want = secure_result[name].astype(np.float64), plain_result[name].astype(np.float64)
+        assert np.allclose(got, want, rtol=1e-6, atol=len(SITES) * 2.0 ** -FRACTION_BITS), name
+    got, want = unpack_state(secure_result[SERVER_STATE]), unpack_state(plain_result[SERVER_STATE])
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key].double(), want[key].double(), atol=1e-6), key
+    for site in SITES:  # no site's plain tensor (or n_s-weighted tensor) reaches the aggregator
+        n = int(plain_sent[site]["extra/__num_samples__"])
+        for name, value in masked_sent[site].items():
+            if value.dtype != np.uint64:
+                continue
+            plain_name = name.replace("extra/secure/", "extra/")
+            if plain_sent[site][plain_name].size == 0:
+                continue
+            as_seen = decode(value)
+            plain_value = plain_sent[site][plain_name].astype(np.float64)
+            assert np.all(np.abs(as_seen - plain_value) > 1e-3) and np.all(np.abs(as_seen - n * plain_value) > 1e-3)
+        assert {k for k, v in masked_sent[site].items() if v.dtype != np.uint64} <= \
+            {"extra/loss", "extra/steps", "extra/__num_samples__", SERVER_STATE}
+    # the aggregator refuses a round in which a site is missing (the masks would not cancel)
+    like = {k: torch.from_numpy(np.array(v)) for k, v in plain_result.items() if k != SERVER_STATE}
+    partial = {s: masked_sent[s] for s in SITES[:2]}
+    with pytest.raises(SecureSumError, match="did not report"):
+        summed_update(partial, SITES, like, {s: 1 for s in SITES})
+
+
+def test_secure_statistics_phase_pools_the_same_group_statistics(tmp_path: Path) -> None:
+    overrides = {**TINY, "method_params": {"lam": 2.0, "statistics": "fresh"}}
+    secure = render_plan("flexfair-ea", task="synthetic-seg", sites=SITES, overrides=overrides,
+                         secure_aggregation=True)
+    plain = render_plan("flexfair-ea", task="synthetic-seg", sites=SITES, overrides=overrides)
+    assert secure.spec["schedule"]["statistics"]
+    for site in SITES:
+        make_site_keys(tmp_path / site, site)
+    masked_sent, secure_result = _one_round(secure.spec, tmp_path, "fedfair_statistics")
+    _, plain_result = _one_round(plain.spec, tmp_path, "fedfair_statistics")
+    got, want = unpack_state(secure_result[SERVER_STATE]), unpack_state(plain_result[SERVER_STATE])
+    assert "flexfair.coef" in want and got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key].double(), want[key].double(), atol=1e-6), key
+    assert all(masked_sent[s]["extra/secure/flexfair.sums"].dtype == np.uint64 for s in SITES)
+    assert not any(name == "extra/flexfair.sums" for s in SITES for name in masked_sent[s])
+
+
+def test_secure_aggregation_is_refused_where_it_cannot_work() -> None:
+    for method, reason in (("fednova", "per-site"), ("scaffold", "per-site"), ("fairfed", "per-site")):
+        with pytest.raises(FederationError, match=reason):
+            render_plan(method, task="synthetic-cls", sites=SITES, secure_aggregation=True)
+    with pytest.raises(FederationError, match="straggler"):
+        render_plan("fedavg", task="synthetic-cls", sites=SITES, secure_aggregation=True, straggler_cutoff_s=5)
+    with pytest.raises(FederationError, match="two sites"):
+        render_plan("fedavg", task="synthetic-cls", sites=["site-a"], secure_aggregation=True)
+    assert {"fedavg", "flexfair"} <= set(SECURE_METHODS)
+
+
+# ---- bad configuration: one clear line before anything starts -------------------------------
+def _init(tmp_path: Path, *args: str):
+    return cli("init-federation", "bad", "--task", "synthetic-seg", "--workspaces-dir", tmp_path / "ws", *args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "nope", "--sites", "site-a,site-b"), "nope"),
+    (("--method", "flexfair-ea", "--sites", "site-a,site-b", "--lam", "-1"), "lam"),
+    (("--method", "fedavg", "--sites", "site-a,site-b", "--rounds", "0"), "rounds"),
+    (("--method", "fedavg", "--sites", "site-a,site-b,site-a"), "more than once"),
+    (("--method", "fedavg", "--sites", "site-a,site-b", "--aggregator-host", "no-such-host.invalid"), "resolve"),
+    (("--method", "fedavg", "--sites", "site-a,site-b", "--port", "70000"), "port"),
+    (("--method", "fednova", "--sites", "site-a,site-b", "--secure-aggregation"), "FedNova"),
+])
+def test_bad_arguments_fail_in_one_line_and_write_nothing(tmp_path: Path, args: tuple, message: str) -> None:
+    result = _init(tmp_path, *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ws/bad/plan").exists()
+
+
+def test_aggregator_refuses_a_port_in_use_before_serving(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(TINY))
+    assert cli("init-federation", "f", "--task", "synthetic-seg", "--method", "fedavg", "--sites",
+               ",".join(SITES), "--port", port, "--workspaces-dir", tmp_path).exit_code == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        result = cli("aggregator", "start", "--workspace", tmp_path / "f", "--timeout", 5)
+    assert result.exit_code == 1 and "in use" in result.output and "Traceback" not in result.output
+    result = cli("aggregator", "start", "--workspace", tmp_path / "f", "--resume")
+    assert result.exit_code == 1 and "no checkpoint" in result.output
+
+
+def test_every_wait_ends_with_a_clear_message(tmp_path: Path) -> None:
+    """An aggregator nobody reports to, and a site whose aggregator accepts but never answers."""
+    ws = make_federation(tmp_path, "fedavg", TINY)
+    started = time.monotonic()
+    result = cli("aggregator", "start", "--workspace", ws, "--idle-timeout", 2, "--timeout", 60)
+    assert result.exit_code == 1 and "no site reported anything for 2 s" in result.output, result.output
+    assert "site-a" in result.output and time.monotonic() - started < 30
+    port = yaml.safe_load((ws / "plan/plan.yaml").read_text())["network"]["settings"]["agg_port"]
+    with socket.socket() as silent:  # accepts connections, never speaks TLS
+        silent.bind(("127.0.0.1", port))
+        silent.listen()
+        started = time.monotonic()
+        result = cli("collaborator", "start", ws / "bundles/site-a", "--name", "site-a", "--certificate",
+                     ws / "certified/col_site-a.crt", "--connect-timeout", 2, "--call-timeout", 1)
+    assert result.exit_code == 1 and "no answer from the aggregator" in result.output, result.output
+    assert time.monotonic() - started < 30
+
+
+_KEYS = [f.name for f in dataclasses.fields(RunConfig)]
+_SCALARS = (st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=6)
+            | st.sampled_from(["fedavg", "flexfair", "synthetic-seg", "ea", "dp", "site", "sex", "sgd"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["lam", "statistics_epsilon", "dp_sgd", "clip", "scale"]) | st.text(max_size=4),
+    inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=5) | st.integers(), _VALUES, max_size=6))
+def test_load_config_raises_nothing_but_config_error(raw: dict) -> None:
+    try:
+        config = load_config(raw)
+    except ConfigError as err:
+        assert str(err).strip()
+    else:
+        assert isinstance(config, RunConfig)
+
+
+# ---- crashes and restarts (real processes) --------------------------------------------------
+def _start_sites(procs: Processes, ws: Path, sites=SITES, label: str = "", timeout: int = 90) -> None:
+    for site in sites:
+        procs.start(site + label, "collaborator", "start", ws / "bundles" / site, "--name", site,
+                    "--certificate", ws / "certified" / f"col_{site}.crt", "--connect-timeout", timeout)
+
+
+def _wait_for(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_secure_flexfair_federation_matches_the_simulation(tmp_path: Path) -> None:
+    ws = make_federation(tmp_path, "flexfair-ea", {**TINY, "rounds": 1, "method_params": {"lam": 2.0}},
+                         "--secure-aggregation")
+    with Processes(tmp_path) as procs:
+        procs.start("aggregator", "aggregator", "start", "--workspace", ws, "--timeout", 150)
+        _start_sites(procs, ws)
+        assert procs.wait("aggregator", 170) == 0, procs.log("aggregator")
+        for site in SITES:
+            assert procs.wait(site, 30) == 0, procs.log(site)
+    federated, simulated = read_metrics(ws / "run"), simulate(ws, tmp_path)
+    assert [r["round"] for r in federated] == [r["round"] for r in simulated] == [1]
+    for fed, sim in zip(federated, simulated):
+        assert fed["metric"] == pytest.approx(sim["metric"], abs=1e-4)
+        assert fed["train_loss"] == sim["train_loss"]  # the first round trains from the same model
+    model, reference = torch.load(ws / "run/model.pt"), torch.load(tmp_path / "simulation/model.pt")
+    for name in reference:
+        assert torch.allclose(model[name].double(), reference[name].double(), atol=1e-4), name
+    wire = [json.loads(line) for line in (tmp_path / "wire.jsonl").read_text().splitlines()]
+    trained = [e for e in wire if "trained" in e["tags"] and e["shape"] != [0]]
+    assert trained and all(e["dtype"] == "uint64" for e in trained)  # weights only masked
+    sums = [e for e in wire if e["name"].startswith("extra/") and "flexfair" in e["name"]]
+    assert sums and all(e["name"].startswith("extra/secure/") and e["dtype"] == "uint64" for e in sums)
+
+
+def test_aggregator_killed_between_rounds_resumes_to_the_same_model(tmp_path: Path) -> None:
+    ws = make_federation(tmp_path, "fedavg", TINY)
+    checkpoint = ws / "save/resume.json"
+    with Processes(tmp_path) as procs:
+        procs.start("aggregator", "aggregator", "start", "--workspace", ws, "--timeout", 150)
+        _start_sites(procs, ws)
+        _wait_for(lambda: checkpoint.exists() and json.loads(checkpoint.read_text())["openfl_round"] >= 1,
+                  "the first checkpoint")
+        procs.procs["aggregator"].send_signal(signal.SIGKILL)
+        procs.procs["aggregator"].wait(timeout=10)
+        # a changed plan is refused
+        plan_path = ws / "plan/plan.yaml"
+        original = plan_path.read_text()
+        plan_path.write_text(original.replace("db_store_rounds: 2", "db_store_rounds: 3", 1))
+        result = cli("aggregator", "start", "--workspace", ws, "--resume", "--timeout", 5)
+        assert result.exit_code == 1 and "plan changed" in result.output, result.output
+        plan_path.write_text(original)
+        procs.start("aggregator-2", "aggregator", "start", "--workspace", ws, "--resume", "--timeout", 150)
+        assert procs.wait("aggregator-2", 170) == 0, procs.log("aggregator-2")
+        for site in SITES:
+            assert procs.wait(site, 30) == 0, procs.log(site)
+    assert "resuming" in procs.log("aggregator-2")
+    assert not checkpoint.exists()  # a finished run leaves nothing to resume
+    federated, simulated = read_metrics(ws / "run"), simulate(ws, tmp_path)
+    assert [r["round"] for r in federated] == [1, 2]
+    for fed, sim in zip(federated, simulated):
+        for key in ("metric", "n", "sites", "groups", "gaps", "train_loss"):
+            assert fed[key] == sim[key], key
+    model, reference = torch.load(ws / "run/model.pt"), torch.load(tmp_path / "simulation/model.pt")
+    assert all(torch.equal(model[k], reference[k]) for k in reference)
+
+
+def test_a_killed_collaborator_restarts_and_rejoins(tmp_path: Path) -> None:
+    ws = make_federation(tmp_path, "fedavg", {**TINY, "rounds": 3},
+                         "--straggler-timeout", "8", "--min-sites", "2")
+    with Processes(tmp_path) as procs:
+        procs.start("aggregator", "aggregator", "start", "--workspace", ws, "--timeout", 170,
+                    "--finish-grace", 3)
+        _start_sites(procs, ws)
+        _wait_for(lambda: "train round 1" in procs.log("site-c"), "site-c to train")
+        procs.procs["site-c"].send_signal(signal.SIGKILL)
+        # the round goes on without it; then the same command brings it back
+        _wait_for(lambda: "site-c dropped out" in procs.log("aggregator"), "the drop-out")
+        _start_sites(procs, ws, ["site-c"], label="-again")
+        assert procs.wait("aggregator", 190) == 0, procs.log("aggregator")
+        for label in ("site-a", "site-b", "site-c-again"):
+            assert procs.wait(label, 30) == 0, procs.log(label)
+    records = read_metrics(ws / "run")
+    assert [r["round"] for r in records] == [1, 2, 3]
+    missed = {int(r): s for r, s in json.loads((ws / "run/federation.json").read_text())["dropped"].items()}
+    assert missed[1] == ["site-c"]
+    # it trained again in a later round, and the record of missed rounds is exactly the rounds
+    # whose training it is absent from
+    rejoined = [r["round"] for r in records if "site-c" in r["train_loss"]]
+    assert rejoined and min(rejoined) >= 2
+    assert sorted(missed) == [r["round"] for r in records if "site-c" not in r["train_loss"]]
+    assert all(missed[r["round"]] == r["dropped"] for r in records if "dropped" in r)
+    assert "site-c" in records[-1]["sites"]  # evaluated by the final model
