@@ -92,18 +92,22 @@ class Scaffold(Algorithm):
         server_state: StateDict,
     ) -> tuple[StateDict, StateDict]:
         weights = self.aggregation_weights(updates, server_state)
-        new_state = weighted_average({s: u.state for s, u in updates.items()}, weights)
         sites = sorted(updates)
         total = float(sum(weights[s] for s in sites))
         parameters = sorted({
             key[len(DELTA_C):] for u in updates.values() for key in u.extras if key.startswith(DELTA_C)
         })
+        # Buffers take FedAvg's average; parameters get the server step below (not averaged twice).
+        new_state = weighted_average(
+            {s: {k: v for k, v in u.state.items() if k not in parameters} for s, u in updates.items()},
+            weights)
         for name in parameters:
             x = global_state[name]
             x64 = x.to(torch.float64)
-            step = torch.zeros_like(x64)  # Σ_i p_i (y_i − x)
+            step = torch.zeros_like(x64)  # Σ_i p_i (y_i − x), in place: same float64 operations
+            moved = torch.empty_like(x64)
             for s in sites:
-                step += (weights[s] / total) * (updates[s].state[name].to(torch.float64) - x64)
+                step.add_(moved.copy_(updates[s].state[name]).sub_(x64).mul_(weights[s] / total))
             new_state[name] = (x64 + self.server_lr * step).to(x.dtype)
 
         num_sites = float(server_state[NUM_SITES]) if NUM_SITES in server_state else float(len(sites))
@@ -114,7 +118,7 @@ class Scaffold(Algorithm):
             total_dc = torch.zeros_like(c, dtype=torch.float64)
             for s in sites:
                 if DELTA_C + name in updates[s].extras:
-                    total_dc += updates[s].extras[DELTA_C + name].to(torch.float64)
+                    total_dc.add_(updates[s].extras[DELTA_C + name])  # widened to float64 per element
             # (|S| / N) · mean_{i∈S} Δc_i  =  Σ_{i∈S} Δc_i / N
             new_server[key] = (c.to(torch.float64) + total_dc / num_sites).to(c.dtype)
         return new_state, self.update_server_state(new_server, updates, weights)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import CacheDataset
+from monai.data import CacheDataset, get_track_meta, set_track_meta
 from monai.data import Dataset as MonaiDataset
 from monai.transforms import (
     Compose, EnsureTyped, LoadImaged, MapTransform, RandAdjustContrastd, RandFlipd,
@@ -127,10 +127,21 @@ class ManifestDataset(_RecordAttributes, MonaiDataset):
 
 
 class CachedManifestDataset(_RecordAttributes, CacheDataset):
-    """MONAI ``CacheDataset``: deterministic transform outputs are computed once and kept."""
+    """MONAI ``CacheDataset``: deterministic transform outputs are computed once and kept.
+
+    Per item only the random augmentations run, and they run with MONAI's metadata tracking
+    off: nothing downstream reads it (``finish`` drops it anyway), the pixels are the same, and
+    copying metadata through every flip and intensity change cost over half the time of a cached
+    item (benchmarks/data_loading.py).
+    """
 
     def __getitem__(self, index: Any) -> Any:
-        return _single(super().__getitem__(index))
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            return _single(super().__getitem__(index))
+        finally:
+            set_track_meta(tracking)
 
 
 def make_dataset(records: list[dict[str, Any]], transform: Callable, cache: bool = False) -> Dataset:
