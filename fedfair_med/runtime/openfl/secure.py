@@ -12,9 +12,9 @@ one pseudo-update ``{state: Σ n_s θ_s / N, num_samples: N, extras: Σ e_s}``: 
 methods that reuse its averaging (FedProx, Fair Mixup, DynamicFL) and FlexFair (whose server
 only pools group sums and counts). FedNova (per-site normalisers), SCAFFOLD (per-site control
 variates) and FairFed (per-site fairness weights) need per-site values and are refused at
-``init-federation``. Integer buffers (BatchNorm's step counters) are summed unweighted and
-averaged (the simulation takes the first site's value: the same when sites take the same number
-of steps).
+``init-federation``. Integer buffers (BatchNorm's step counters — local step counts, which the
+round's ``steps`` extra reveals anyway) travel in the clear and the first site's is kept, as in
+plain aggregation.
 
 Keys: ``collaborator setup`` makes the site's X25519 key (kept: ``cert/client/secagg_SITE.key``)
 and its public key (sent with the certificate request: ``col_SITE.secagg.pub``); ``certify``
@@ -133,16 +133,21 @@ def make_party(spec: Mapping[str, Any], site: str, bundle: Path,
 
 
 def mask_update(party: SecureSumParty, fl_round: int, phase: str, state: Mapping[str, torch.Tensor] | None,
-                num_samples: int, extras: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(masked tensors: wire name → uint64, clear extras: name → array).
+                num_samples: int, extras: Mapping[str, Any]
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(masked tensors: wire name → uint64, clear integer model buffers, clear extras).
 
-    Float model tensors are weighted by n_s before masking; integer ones are masked as they are.
+    Float model tensors are weighted by n_s and masked. Integer buffers (BatchNorm's
+    ``num_batches_tracked``, a count of local steps, which travel in the clear anyway) are sent
+    as they are, so the server can keep the plain rule (the first site's value).
     """
     masked: dict[str, np.ndarray] = {}
+    clear_state: dict[str, np.ndarray] = {}
     for name, value in (state or {}).items():
-        x = value.detach().cpu().to(torch.float64).numpy()
-        if torch.is_floating_point(value):
-            x = x * float(num_samples)
+        if not torch.is_floating_point(value):
+            clear_state[name] = value.detach().cpu().numpy().copy()
+            continue
+        x = value.detach().cpu().to(torch.float64).numpy() * float(num_samples)
         masked[name] = party.mask(x, f"{fl_round}|{phase}|model|{name}")
     clear: dict[str, np.ndarray] = {}
     for name, value in extras.items():
@@ -151,7 +156,7 @@ def mask_update(party: SecureSumParty, fl_round: int, phase: str, state: Mapping
             clear[name] = array
         else:
             masked[SECURE_PREFIX + name] = party.mask(array.astype(np.float64), f"{fl_round}|{phase}|extra|{name}")
-    return masked, clear
+    return masked, clear_state, clear
 
 
 # ---- the aggregator's side ---------------------------------------------------------------
@@ -175,11 +180,11 @@ def summed_update(rows_by_site: Mapping[str, Mapping[str, np.ndarray]], sites: S
 
     state: StateDict = {}
     for name, like in (model_state or {}).items():
+        if not torch.is_floating_point(like):  # a clear step counter: the plain rule
+            state[name] = torch.from_numpy(np.array(rows_by_site[reported[0]][name])).to(like.dtype)
+            continue
         summed = decoded(name)
-        if torch.is_floating_point(like):
-            state[name] = torch.from_numpy(np.asarray(summed / total)).to(like.dtype).reshape(like.shape)
-        else:
-            state[name] = torch.from_numpy(np.asarray(np.rint(summed / len(reported)))).to(like.dtype).reshape(like.shape)
+        state[name] = torch.from_numpy(np.asarray(summed / total)).to(like.dtype).reshape(like.shape)
     names = sorted({n[len(SECURE_PREFIX):] for s in reported for n in rows_by_site[s]
                     if n.startswith(SECURE_PREFIX)})
     extras = {n: torch.from_numpy(np.asarray(decoded(SECURE_PREFIX + n))).to((extra_dtypes or {}).get(n, torch.float64))

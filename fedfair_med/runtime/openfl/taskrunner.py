@@ -127,13 +127,14 @@ class SiteTaskRunner(TaskRunner):
 
     def _masked(self, task: str, col_name: str, round_num: int, state: Mapping[str, torch.Tensor] | None,
                 num_samples: int, extras: Mapping[str, Any]) -> tuple[dict, dict]:
-        """Secure aggregation: masked n_s·θ_s and extras (uint64), n_s, loss and steps in clear."""
+        """Secure aggregation: masked n_s·θ_s and extras (uint64); n_s, loss, steps and integer
+        step counters in the clear."""
         if self.bundle is None:
             raise ValueError("secure aggregation needs the site's bundle (its key-agreement key)")
         party = make_party(self.spec_settings, self.site_runner.name, self.bundle, self._received_server_state)
-        masked, clear = mask_update(party, round_num, task, state, num_samples, extras)
+        masked, clear_state, clear = mask_update(party, round_num, task, state, num_samples, extras)
         tensors: dict[tuple[str, str], np.ndarray] = {}
-        for name, value in masked.items():
+        for name, value in {**masked, **clear_state}.items():
             tensors[(name, TRAINED_TAG if state is not None and name in state else EXTRA_TAG)] = value
         if state is None:
             tensors.update(self._placeholders())
