@@ -179,6 +179,35 @@ def test_aggregator_refuses_a_port_in_use_before_serving(tmp_path: Path) -> None
     assert result.exit_code == 1 and "no checkpoint" in result.output
 
 
+def test_a_broken_or_edited_plan_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(TINY))
+    assert cli("init-federation", "f", "--task", "synthetic-seg", "--method", "flexfair-ea", "--sites",
+               ",".join(SITES), "--port", free_port(), "--workspaces-dir", tmp_path).exit_code == 0
+    ws = tmp_path / "f"
+    plan_path, cols_path = ws / "plan/plan.yaml", ws / "plan/cols.yaml"
+    original, cols = plan_path.read_text(), cols_path.read_text()
+    plan = yaml.safe_load(original)
+    negative = yaml.safe_load(original)
+    negative["fedfair"]["settings"]["spec"]["run"]["method_params"]["lam"] = -1.0
+    no_spec = yaml.safe_load(original)
+    del no_spec["fedfair"]["settings"]["spec"]
+    cases = [
+        ("aggregator: [unclosed\n", cols, "not valid YAML"),
+        (yaml.safe_dump(no_spec), cols, "missing"),
+        (yaml.safe_dump(negative), cols, "lam"),
+        (original, yaml.safe_dump({"collaborators": ["site-a", "site-b"]}), "do not match"),
+    ]
+    for plan_text, cols_text, message in cases:
+        plan_path.write_text(plan_text)
+        cols_path.write_text(cols_text)
+        for args in (("aggregator", "start", "--workspace", ws, "--timeout", 5),
+                     ("certify", "--workspace", ws, tmp_path / "none.csr")):
+            result = cli(*args)
+            assert result.exit_code == 1 and message in result.output, (message, result.output)
+            assert "Traceback" not in result.output
+    assert plan["fedfair"]["settings"]["spec"]["sites"] == SITES
+
+
 def test_every_wait_ends_with_a_clear_message(tmp_path: Path) -> None:
     """An aggregator nobody reports to, and a site whose aggregator accepts but never answers."""
     ws = make_federation(tmp_path, "fedavg", TINY)

@@ -139,6 +139,9 @@ def _quiet_openfl() -> None:
 def _parse(plan_dir: Path) -> Any:
     from openfl.federated import Plan
 
+    from fedfair_med.runtime.openfl.workspace import load_plan
+
+    load_plan(plan_dir / "plan.yaml")  # a broken or inconsistent plan fails here, in one line
     return Plan.parse(plan_config_path=(plan_dir / "plan.yaml").absolute(),
                       cols_config_path=(plan_dir / "cols.yaml").absolute())
 

@@ -213,9 +213,52 @@ def dump_plan(plan: Mapping[str, Any], path: Path) -> None:
 
 
 def load_plan(path: Path) -> dict[str, Any]:
+    """A rendered plan, checked (:func:`check_plan`) so that a broken one fails here, in one line."""
     if not Path(path).exists():
         raise FederationError(f"{path}: no plan here")
-    return yaml.safe_load(Path(path).read_text())
+    try:
+        plan = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise FederationError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    cols = Path(path).parent / "cols.yaml"
+    check_plan(plan, path, yaml.safe_load(cols.read_text()) if cols.exists() else None)
+    return plan
+
+
+def check_plan(plan: Any, path: Path | str = "plan", cols: Any = None) -> None:
+    """The parts of a plan every party relies on are present and consistent.
+
+    The federation spec (run configuration, sites, schedule) must be there and valid, the
+    network settings complete, and ``cols.yaml`` (when given) must list exactly the spec's sites.
+    """
+    try:
+        spec = plan["fedfair"]["settings"]["spec"]
+        network = plan["network"]["settings"]
+        host, port = network["agg_addr"], network["agg_port"]
+        sites, rounds = list(spec["sites"]), spec["schedule"]["rounds"]
+        run = dict(spec["run"])
+    except (KeyError, TypeError) as err:
+        raise FederationError(f"{path}: not a fedfair-med federation plan (missing {err}); "
+                              "render it with init-federation") from None
+    if len(set(sites)) != len(sites) or not all(isinstance(s, str) and SITE_NAME.match(s) for s in sites):
+        raise FederationError(f"{path}: the plan's sites {sites} are not distinct valid names")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise FederationError(f"{path}: network.settings.agg_port {port!r} is not a port")
+    if not isinstance(host, str) or not host:
+        raise FederationError(f"{path}: network.settings.agg_addr {host!r} is not a host")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise FederationError(f"{path}: schedule.rounds must be a positive integer, got {rounds!r}")
+    try:
+        RunConfig(**run).validate()
+    except TypeError as err:
+        raise FederationError(f"{path}: run configuration: {err}") from None
+    except ConfigError as err:
+        raise FederationError(f"{path}: {str(err).replace(chr(10), ' ')}") from None
+    if cols is not None:
+        listed = (cols or {}).get("collaborators") if isinstance(cols, dict) else None
+        if listed is None or sorted(map(str, listed)) != sorted(sites):
+            raise FederationError(f"{Path(path).parent / 'cols.yaml'}: collaborators {listed} do not match "
+                                  f"the plan's sites {sites}")
 
 
 def plan_spec(plan: Mapping[str, Any]) -> dict[str, Any]:
