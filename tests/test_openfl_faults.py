@@ -133,6 +133,26 @@ def test_secure_statistics_phase_pools_the_same_group_statistics(tmp_path: Path)
     assert not any(name == "extra/flexfair.sums" for s in SITES for name in masked_sent[s])
 
 
+def test_secure_federation_needs_every_sites_public_key(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(TINY))
+    assert cli("init-federation", "f", "--task", "synthetic-seg", "--method", "fedavg", "--sites",
+               ",".join(SITES), "--port", free_port(), "--workspaces-dir", tmp_path,
+               "--secure-aggregation").exit_code == 0
+    ws = tmp_path / "f"
+    for site in SITES:
+        assert cli("collaborator", "setup", ws / "bundles" / f"{site}.zip", "--name", site).exit_code == 0
+    client = ws / "bundles/site-a/cert/client"
+    assert (client / "secagg_site-a.key").stat().st_mode & 0o077 == 0  # the private key stays private
+    (client / "col_site-a.secagg.pub").unlink()
+    result = cli("certify", "--workspace", ws, client / "col_site-a.csr")
+    assert result.exit_code == 1 and "col_site-a.secagg.pub must come with" in result.output
+    for site in SITES[1:]:
+        assert cli("certify", "--workspace", ws,
+                   ws / "bundles" / site / "cert/client" / f"col_{site}.csr").exit_code == 0
+    result = cli("aggregator", "start", "--workspace", ws, "--timeout", 5)
+    assert result.exit_code == 1 and "no key-agreement public key for site(s) ['site-a']" in result.output
+
+
 def test_secure_aggregation_is_refused_where_it_cannot_work() -> None:
     for method, reason in (("fednova", "per-site"), ("scaffold", "per-site"), ("fairfed", "per-site")):
         with pytest.raises(FederationError, match=reason):
