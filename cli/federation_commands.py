@@ -191,7 +191,8 @@ def aggregator_start(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the checkpoint of the last finished round (same plan only)."),
     idle_timeout: float = typer.Option(
-        1800.0, "--idle-timeout", help="Stop if no site reports anything for this many seconds."),
+        7200.0, "--idle-timeout",
+        help="Stop if no site reports anything for this many seconds (set above the slowest site's round)."),
 ) -> None:
     """Run every round; write run.yaml, metrics.jsonl, model.pt and report.json to WORKSPACE/run."""
     import json

@@ -224,7 +224,7 @@ def _resume_settings(workspace: Path, settings: dict, resume: bool) -> None:
 
 
 def run_aggregator(workspace: Path, *, timeout_s: float | None = None, finish_grace_s: float = 15.0,
-                   poll_s: float = 0.1, resume: bool = False, idle_timeout_s: float | None = 1800.0) -> Path:
+                   poll_s: float = 0.1, resume: bool = False, idle_timeout_s: float | None = 7200.0) -> Path:
     """Serve the federation in ``workspace`` until it is finished; return its run directory.
 
     After every OpenFL round the aggregator checkpoints to ``save/resume.{pbuf,json}``;
