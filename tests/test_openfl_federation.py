@@ -109,7 +109,7 @@ def run_federation(tmp_path: Path, ws: Path, agg_args: tuple = (), kill: str | N
         procs.start("aggregator", "aggregator", "start", "--workspace", ws, "--timeout", 150, *agg_args)
         for site in SITES:
             procs.start(site, "collaborator", "start", ws / "bundles" / site, "--name", site,
-                        "--certificate", ws / "certified" / f"col_{site}.crt", "--connect-timeout", 30)
+                        "--certificate", ws / "certified" / f"col_{site}.crt", "--connect-timeout", 90)
         if kill is not None:  # kill that site as soon as it has trained once, before it reports
             deadline = time.monotonic() + 120
             while "train round 1" not in procs.log(kill):
@@ -258,7 +258,7 @@ def test_fedavg_federation_equals_simulation_refuses_foreign_ca_and_sends_only_a
         assert result.exit_code == 1 and "aggregator" in result.output, result.output
         for site in SITES:
             procs.start(site, "collaborator", "start", ws / "bundles" / site, "--name", site,
-                        "--certificate", ws / "certified" / f"col_{site}.crt", "--connect-timeout", 30)
+                        "--certificate", ws / "certified" / f"col_{site}.crt", "--connect-timeout", 90)
         assert procs.wait("aggregator", 170) == 0, procs.log("aggregator")
         for site in SITES:
             assert procs.wait(site, 30) == 0, procs.log(site)
