@@ -136,3 +136,16 @@ def test_age_edges_define_the_age_bands_everywhere(tmp_path) -> None:
     assert set(result.final["groups"]["age_band"]) == {"<=40", "40-70", ">70"}
     report = json.loads((result.path / "report.json").read_text())
     assert {r["group"] for r in report["groups"] if r["attribute"] == "age_band"} == {"<=40", "40-70", ">70"}
+
+
+def test_flexfair_ea_under_adam_warns_and_sgd_does_not(tmp_path) -> None:
+    common = dict(task="synthetic-seg", method="flexfair", method_params={"lam": 1.0}, rounds=1,
+                  max_steps=1, data={"scale": 0.25})
+    with pytest.warns(UserWarning, match="largely cancels the per-site penalty"):
+        run_simulation(RunConfig(optimizer="adam", **common), tmp_path / "adam")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_simulation(RunConfig(optimizer="sgd", **common), tmp_path / "sgd")
+    assert not any("per-site penalty" in str(w.message) for w in caught)
