@@ -158,6 +158,8 @@ def cli_invocations(text: str) -> list[list[str]]:
             line = line.strip()
             if line.startswith("$ "):
                 line = line[2:]
+            if "fedfair-med" not in line:  # other shell (awk programs, loops) is not ours to parse
+                continue
             for part in re.split(r"&&|\|\||;|\|", line):
                 words = shlex.split(part, comments=True)
                 if words and words[0] == "fedfair-med":
