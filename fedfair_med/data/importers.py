@@ -172,6 +172,15 @@ def import_chase(src: Path, out: Path, *, test_fraction: float, seed: int, limit
     return [_write(out, "chase_db1", "fundus", "CHASE_DB1", rows, (), "by child (both eyes together)", limit, seed)]
 
 
+def _split_by_image(rows: list[dict[str, str]], test_fraction: float,
+                    val_fraction: float | None, seed: int) -> None:
+    """Seeded test/val/train split by image id, for datasets with one image per patient."""
+    test, rest = _split_groups([r["id"] for r in rows], test_fraction, seed)
+    val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
+    for row in rows:
+        row["split"] = _assign(row["id"], test, val)
+
+
 def import_stare(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
                  val_fraction: float | None = 0.15) -> list[ImportedSite]:
     """STARE: 18 images with Hoover (``ah``) vessel labels."""
@@ -182,10 +191,7 @@ def import_stare(src: Path, out: Path, *, test_fraction: float, seed: int, limit
             for image in sorted(images.glob("*.png"))]
     if not rows:
         raise DatasetLayoutError(f"stare: no PNG images in {images}")
-    test, rest = _split_groups([r["id"] for r in rows], test_fraction, seed)
-    val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
-    for row in rows:
-        row["split"] = _assign(row["id"], test, val)
+    _split_by_image(rows, test_fraction, val_fraction, seed)
     return [_write(out, "stare", "fundus", "STARE", rows, (), "seeded, by image", limit, seed)]
 
 
@@ -198,10 +204,7 @@ def import_kvasir(src: Path, out: Path, *, test_fraction: float, seed: int, limi
             for image in sorted(images.glob("*.jpg"))]
     if not rows:
         raise DatasetLayoutError(f"kvasir: no JPEG images in {images}")
-    test, rest = _split_groups([r["id"] for r in rows], test_fraction, seed)
-    val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
-    for row in rows:
-        row["split"] = _assign(row["id"], test, val)
+    _split_by_image(rows, test_fraction, val_fraction, seed)
     return [_write(out, "kvasir_seg", "polyp", "Kvasir-SEG", rows, (), "seeded, by image", limit, seed)]
 
 
