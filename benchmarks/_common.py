@@ -197,7 +197,7 @@ class FederatedRounds:
     """The in-process runtime's round without evaluation, reusable one round at a time.
 
     Statistics pass when the method wants one, then at every site broadcast → local training
-    (:meth:`SiteRunner.train`) and the server's :meth:`aggregate` — the same calls, in the same
+    (:meth:`SiteRunner.train`) folded into the server's streaming aggregation — the same calls, in the same
     order, as :func:`fedfair_med.runtime.local.run_simulation`.
     """
 
@@ -228,13 +228,12 @@ class FederatedRounds:
         if algorithm.wants_statistics(r, self.server_state):
             stats = {s.name: s.statistics(algorithm, self.model, self.global_state, r) for s in self.sites}
             self.server_state = algorithm.absorb_statistics(self.server_state, stats)
-        updates = {}
-        for site in self.sites:
+        aggregation = algorithm.start_aggregation(self.global_state, self.server_state)
+        for site in sorted(self.sites, key=lambda s: s.name):
             broadcast = algorithm.broadcast(self.server_state, site.name)
-            updates[site.name] = site.train(algorithm, self.model, self.global_state, broadcast, r)
+            aggregation.add(site.name, site.train(algorithm, self.model, self.global_state, broadcast, r))
         torch.manual_seed(derive_seed(self.config.seed, r, "server"))
-        self.global_state, self.server_state = algorithm.aggregate(self.global_state, updates,
-                                                                   self.server_state)
+        self.global_state, self.server_state = aggregation.result()
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:

@@ -126,7 +126,14 @@ def run_federation(tmp_path: Path, ws: Path, agg_args: tuple = (), kill: str | N
 def simulate(ws: Path, tmp_path: Path) -> list[dict]:
     plan = yaml.safe_load((ws / "plan/plan.yaml").read_text())
     config = RunConfig(**{**plan["fedfair"]["settings"]["spec"]["run"], "runtime": "local"})
-    return run_simulation(config, tmp_path / "simulation").history
+    # The collaborators run with one torch thread (OMP_NUM_THREADS=1); convolution kernels may
+    # sum in another order with more threads, so the simulation uses one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_simulation(config, tmp_path / "simulation").history
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_same_numbers(ws: Path, tmp_path: Path) -> None:

@@ -285,6 +285,55 @@ def test_skin_one_federated_round(tmp_path: Path) -> None:
     assert set(result.predictions["sex"].astype(str)) <= {"male", "female", ""}
 
 
+@realdata
+def test_skin_metadata_inputs_are_constant_planes_after_rgb(tmp_path: Path) -> None:
+    task = SkinTask()
+    federation = task.load_federation(manifests=skin_manifests(tmp_path), image_size=32,
+                                      metadata_inputs=["age", "sex"])
+    assert task.in_channels == 5
+    seen_missing_age = False
+    for site in federation.sites:
+        for split in (site.train, site.test):
+            for i in range(len(split)):
+                item = split[i]
+                image = item["image"]
+                assert image.shape == (5, 32, 32)
+                age_plane, sex_plane = image[3], image[4]
+                assert torch.all(age_plane == age_plane[0, 0]) and torch.all(sex_plane == sex_plane[0, 0])
+                age = item["age"]
+                if isinstance(age, float) and math.isnan(age):
+                    seen_missing_age = True
+                    assert float(age_plane[0, 0]) == 0.5
+                else:
+                    assert float(age_plane[0, 0]) == pytest.approx(min(float(age) / 100, 1.0))
+                assert float(sex_plane[0, 0]) == {"male": 1.0, "female": 0.0}.get(item["sex"], 0.5)
+    assert seen_missing_age  # the HAM10000 image without age gets the neutral 0.5
+    # The RGB channels are untouched: same pixels as without metadata (eval transforms).
+    plain = SkinTask().load_federation(manifests=skin_manifests(tmp_path / "plain"), image_size=32)
+    torch.testing.assert_close(federation.sites[0].test[0]["image"][:3], plain.sites[0].test[0]["image"])
+
+
+def test_skin_metadata_inputs_shape_the_network_without_data_and_bad_names_are_refused() -> None:
+    from fedfair_med.runtime.site import build_global_model
+
+    config = RunConfig(task="skin", network="small_cnn", network_kwargs={"width": 4},
+                       data={"metadata_inputs": ["age", "sex"]})
+    model = build_global_model(config, SkinTask())  # the aggregator: no manifest loaded
+    assert next(model.parameters()).shape[1] == 5
+    with pytest.raises(ValueError, match="metadata_inputs"):
+        SkinTask().configure(metadata_inputs=["age", "weight"])
+
+
+@realdata
+def test_skin_one_federated_round_with_metadata_inputs(tmp_path: Path) -> None:
+    data = {"manifests": [str(p) for p in skin_manifests(tmp_path / "m")], "image_size": 32,
+            "metadata_inputs": ["age", "sex"]}
+    result, final = run_one_round("skin", data, tmp_path / "run", network="small_cnn",
+                                  network_kwargs={"width": 4}, attribute="age_band", criterion="dp",
+                                  method="flexfair")
+    assert torch.load(result.path / "model.pt")["0.weight"].shape[1] == 5
+
+
 # ---- MRI -------------------------------------------------------------------------------------------
 @realdata
 def test_derived_mri_sites_differ_in_orientation_resolution_and_intensity(mri_manifests: list[Path]) -> None:

@@ -80,42 +80,163 @@ def float_state(model: nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-#: Elements per block of :func:`weighted_average`: a float64 accumulator and a scratch block
-#: of 512 KiB each, small enough to stay in a core's L2 cache while every site's block is added.
+#: Elements per block when a tensor is widened to float64 and added into an accumulator: one
+#: 512 KiB scratch block, small enough to stay in a core's L2 cache. Widening whole tensors
+#: instead (``acc += w * θ.double()``) allocates model-sized temporaries and is ~3× slower.
 AVERAGE_BLOCK = 1 << 16
 
 
-def weighted_average(states: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
-    """Σ_s w_s θ_s over sites, in sorted site order so every runtime adds in the same order.
+class Float64Scratch:
+    """One reusable float64 block for widening tensors piece by piece (no model-sized temporaries)."""
 
-    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first site's value.
-    Each term is widened to float64, scaled by w_s / Σw and added to a float64 accumulator, one
-    cache-sized block of the tensor at a time, then rounded back to the tensor's dtype. Per
-    element these are the same float64 operations as ``acc += w * θ.double()`` on whole tensors
-    (so the same bits), but without model-sized temporaries: on a ResNet-18 that memory traffic
-    cost several times the arithmetic.
-    """
-    sites = sorted(states)
-    total = float(sum(weights[s] for s in sites))
-    scale = [weights[s] / total for s in sites]
-    out: StateDict = {}
-    for name, first in states[sites[0]].items():
-        if not torch.is_floating_point(first):
-            out[name] = first.clone()
-            continue
-        terms = [states[s][name].reshape(-1) for s in sites]
-        n = first.numel()
-        result = torch.empty(n, dtype=first.dtype, device=first.device)
-        acc = torch.empty(min(n, AVERAGE_BLOCK), dtype=torch.float64, device=first.device)
-        scratch = torch.empty_like(acc)
+    def __init__(self) -> None:
+        self._block = torch.empty(0, dtype=torch.float64)
+
+    def add_scaled(self, acc: torch.Tensor, term: torch.Tensor, alpha: float,
+                   subtract: torch.Tensor | None = None) -> None:
+        """``acc += alpha · (term − subtract)`` elementwise in float64 (``acc`` is float64, flat)."""
+        flat, base = term.reshape(-1), (None if subtract is None else subtract.reshape(-1))
+        n = flat.numel()
+        if self._block.numel() < min(n, AVERAGE_BLOCK) or self._block.device != acc.device:
+            self._block = torch.empty(min(max(n, 1), AVERAGE_BLOCK), dtype=torch.float64,
+                                      device=acc.device)
         for start in range(0, n, AVERAGE_BLOCK):
             stop = min(start + AVERAGE_BLOCK, n)
-            block, widened = acc[: stop - start].zero_(), scratch[: stop - start]
-            for term, w in zip(terms, scale):
-                block.add_(widened.copy_(term[start:stop]).mul_(w))
-            result[start:stop].copy_(block)
-        out[name] = result.reshape(first.shape)
-    return out
+            block = self._block[: stop - start].copy_(flat[start:stop])
+            if base is not None:
+                block.sub_(base[start:stop])
+            # mul then add, each rounded once: ``add_(block, alpha=...)`` fuses them (FMA) in
+            # vectorised loops only, so its bits would depend on how threads split the tensor.
+            acc[start:stop].add_(block.mul_(alpha))
+
+
+class WeightedSum:
+    """Σ_s w_s θ_s over state dicts folded in one at a time, then divided by Σ_s w_s.
+
+    Holds one float64 accumulator per floating-point tensor, whatever the number of sites, so a
+    server never keeps every site's model at once (streaming aggregation). Integer buffers
+    (BatchNorm's ``num_batches_tracked``) take the first state's value. Callers fold sites in
+    sorted name order, so every runtime adds in the same order and gets the same bits.
+    """
+
+    def __init__(self, skip: Iterable[str] = ()) -> None:
+        self.skip = set(skip)
+        self.total = 0.0
+        self._acc: dict[str, torch.Tensor] = {}  # flat float64 sums of floating-point tensors
+        self._layout: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self._first: dict[str, torch.Tensor] = {}  # integer buffers: the first state's value
+        self._scratch = Float64Scratch()
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        for name, value in state.items():
+            if name in self.skip:
+                continue
+            if name not in self._layout:
+                self._layout[name] = (value.shape, value.dtype)
+                if torch.is_floating_point(value):
+                    self._acc[name] = torch.zeros(value.numel(), dtype=torch.float64,
+                                                  device=value.device)
+                else:
+                    self._first[name] = value.detach().clone()
+            if name in self._acc:
+                self._scratch.add_scaled(self._acc[name], value.detach(), float(weight))
+        self.total += float(weight)
+
+    def result(self) -> StateDict:
+        if self.total <= 0:
+            raise ValueError("cannot average: the sites' weights sum to zero")
+        out: StateDict = {}
+        for name, (shape, dtype) in self._layout.items():
+            if name in self._acc:
+                out[name] = (self._acc[name] / self.total).to(dtype).reshape(shape)
+            else:
+                out[name] = self._first[name]
+        return out
+
+
+def weighted_average(states: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
+    """Σ_s w_s θ_s / Σ_s w_s over sites, in sorted site order (see :class:`WeightedSum`)."""
+    acc = WeightedSum()
+    for site in sorted(states):
+        acc.add(states[site], weights[site])
+    return acc.result()
+
+
+class Aggregation:
+    """One round's server step, folding each site's update in as it arrives.
+
+    The runtime calls :meth:`add` once per site (sorted by name) and then :meth:`result`. Only
+    running sums and each site's small extras are kept, so the server's memory does not grow
+    with the number of sites. This default is FedAvg's weighted average; methods with another
+    server step subclass it (FedNova, SCAFFOLD) or collect first (FairFed, whose weights need
+    every site's statistics).
+    """
+
+    def __init__(self, algorithm: "Algorithm", global_state: StateDict, server_state: StateDict,
+                 weights: Mapping[str, float] | None = None) -> None:
+        self.algorithm = algorithm
+        self.global_state = global_state
+        self.server_state = server_state
+        self.fixed_weights = weights
+        self.weights: dict[str, float] = {}
+        #: every site's update without its model state (num_samples and the small extras)
+        self.received: dict[str, ClientUpdate] = {}
+        self.average = WeightedSum()
+
+    def add(self, site: str, update: ClientUpdate) -> None:
+        if site in self.received:
+            raise ValueError(f"aggregation: site {site!r} sent two updates in one round")
+        if self.fixed_weights is not None:
+            weight = float(self.fixed_weights[site])
+        else:
+            weight = float(self.algorithm.site_weight(site, update, self.server_state))
+        self.weights[site] = weight
+        self.fold(site, update, weight)
+        self.received[site] = ClientUpdate(state={}, num_samples=update.num_samples,
+                                           extras=self.kept_extras(update.extras))
+
+    def fold(self, site: str, update: ClientUpdate, weight: float) -> None:
+        """Add one site's model into the running sums (FedAvg: Σ w_s θ_s)."""
+        self.average.add(update.state, weight)
+
+    def kept_extras(self, extras: StateDict) -> StateDict:
+        """The extras kept until :meth:`result` (model-sized ones are folded, not kept)."""
+        return dict(extras)
+
+    def new_model(self) -> StateDict:
+        return self.average.result()
+
+    def next_server_state(self) -> StateDict:
+        """Server state after this round's own step, before :meth:`Algorithm.update_server_state`."""
+        return self.server_state
+
+    def result(self) -> tuple[StateDict, StateDict]:
+        """The next global model and server state."""
+        if not self.received:
+            raise ValueError("aggregation: no site update was received this round")
+        new_state = self.new_model()
+        return new_state, self.algorithm.update_server_state(self.next_server_state(),
+                                                             self.received, self.weights)
+
+
+class CollectingAggregation(Aggregation):
+    """For methods whose server step needs every update at once: keep them, then aggregate."""
+
+    def __init__(self, algorithm: "Algorithm", global_state: StateDict, server_state: StateDict) -> None:
+        super().__init__(algorithm, global_state, server_state)
+        self.updates: dict[str, ClientUpdate] = {}
+
+    def add(self, site: str, update: ClientUpdate) -> None:
+        if site in self.updates:
+            raise ValueError(f"aggregation: site {site!r} sent two updates in one round")
+        self.updates[site] = update
+        self.received[site] = ClientUpdate(state={}, num_samples=update.num_samples,
+                                           extras=dict(update.extras))
+
+    def result(self) -> tuple[StateDict, StateDict]:
+        if not self.updates:
+            raise ValueError("aggregation: no site update was received this round")
+        return self.algorithm.aggregate(self.global_state, self.updates, self.server_state)
 
 
 class Algorithm:
@@ -128,7 +249,8 @@ class Algorithm:
       * :meth:`after_backward` — correct gradients before the optimiser step;
       * :meth:`observe_batch` — accumulate fixed-size statistics to report;
       * :meth:`client_extras` — the extras sent with the update.
-    Server side: :meth:`init_server_state`, :meth:`broadcast`, :meth:`aggregate`.
+    Server side: :meth:`init_server_state`, :meth:`broadcast`, :meth:`site_weight` and
+    :meth:`start_aggregation` (streaming; :meth:`aggregate` folds a whole round at once).
     """
 
     name = "base"
@@ -162,11 +284,19 @@ class Algorithm:
         """Small tensors sent to ``site`` with the global model at the start of a round."""
         return {}
 
+    def site_weight(self, site: str, update: ClientUpdate, server_state: StateDict) -> float:
+        """A site's unnormalised aggregation weight: FedAvg's n_s."""
+        return float(update.num_samples)
+
     def aggregation_weights(
         self, updates: Mapping[str, ClientUpdate], server_state: StateDict
     ) -> dict[str, float]:
-        """FedAvg weights n_s / N; methods that reweight sites override this."""
-        return {s: float(u.num_samples) for s, u in updates.items()}
+        """Every site's weight (:meth:`site_weight`); normalised by the aggregation."""
+        return {s: self.site_weight(s, u, server_state) for s, u in updates.items()}
+
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+        """The object that folds this round's updates in one at a time (streaming)."""
+        return Aggregation(self, global_state, server_state)
 
     def aggregate(
         self,
@@ -174,10 +304,13 @@ class Algorithm:
         updates: Mapping[str, ClientUpdate],
         server_state: StateDict,
     ) -> tuple[StateDict, StateDict]:
-        """Combine site updates into the next global model and server state."""
-        weights = self.aggregation_weights(updates, server_state)
-        new_state = weighted_average({s: u.state for s, u in updates.items()}, weights)
-        return new_state, self.update_server_state(server_state, updates, weights)
+        """Combine all site updates at once: the same arithmetic as folding them in sorted order."""
+        aggregation = self.start_aggregation(global_state, server_state)
+        if isinstance(aggregation, CollectingAggregation):  # would call back into aggregate
+            raise TypeError(f"{self.name}: a collecting method must override aggregate()")
+        for site in sorted(updates):
+            aggregation.add(site, updates[site])
+        return aggregation.result()
 
     def update_server_state(
         self,

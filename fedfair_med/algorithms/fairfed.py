@@ -45,8 +45,10 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     ClientUpdate,
+    CollectingAggregation,
     SiteContext,
     StateDict,
     move_batch,
@@ -102,7 +104,15 @@ class FairFed(Algorithm):
             if self.statistics_privacy is not None:
                 statistics = {s: self._clamp_noisy(v) for s, v in statistics.items()}
             server_state = self.absorb_statistics(server_state, statistics)
-        return super().aggregate(global_state, updates, server_state)
+        aggregation = Aggregation(self, global_state, server_state,
+                                  weights=self.aggregation_weights(updates, server_state))
+        for site in sorted(updates):
+            aggregation.add(site, updates[site])
+        return aggregation.result()
+
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+        """FairFed's weights need every site's statistics, so the round is collected first."""
+        return CollectingAggregation(self, global_state, server_state)
 
     @torch.no_grad()
     def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:

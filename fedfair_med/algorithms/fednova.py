@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     ClientUpdate,
     LocalSettings,
     SiteContext,
     StateDict,
-    weighted_average,
 )
 
 NORMALISER = "fednova.a"
@@ -86,34 +86,42 @@ class FedNova(Algorithm):
                 extras[PARAM_PREFIX + name] = torch.tensor(1.0)
         return extras
 
-    def aggregate(
-        self,
-        global_state: StateDict,
-        updates: Mapping[str, ClientUpdate],
-        server_state: StateDict,
-    ) -> tuple[StateDict, StateDict]:
-        weights = self.aggregation_weights(updates, server_state)
-        # Buffers (and the fallback for anything not marked a parameter): FedAvg's average.
-        new_state = weighted_average({s: u.state for s, u in updates.items()}, weights)
-        sites = sorted(updates)
-        total = float(sum(weights[s] for s in sites))
-        share = {s: weights[s] / total for s in sites}
-        normaliser = {s: float(updates[s].extras[NORMALISER]) for s in sites}
-        tau_eff = sum(share[s] * normaliser[s] for s in sites)
-        parameters = {
-            key[len(PARAM_PREFIX):]
-            for u in updates.values() for key in u.extras if key.startswith(PARAM_PREFIX)
-        }
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+        return NovaAggregation(self, global_state, server_state)
+
+
+class NovaAggregation(Aggregation):
+    """Streams FedNova's server step: Σ_i n_i a_i and Σ_i (n_i / a_i)(w_i − w_g) per parameter.
+
+    With N = Σ n_i these give τ_eff = Σ n_i a_i / N and Σ_i p_i d_i = −Σ_i (n_i/a_i)(w_i − w_g) / N.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weighted_normaliser = 0.0  # Σ n_i a_i
+        self.moved: dict[str, torch.Tensor] = {}  # Σ (n_i / a_i)(w_i − w_g), flat float64
+
+    def fold(self, site: str, update: ClientUpdate, weight: float) -> None:
+        normaliser = float(update.extras[NORMALISER])
+        parameters = {key[len(PARAM_PREFIX):] for key in update.extras if key.startswith(PARAM_PREFIX)}
+        parameters = {n for n in parameters if torch.is_floating_point(self.global_state[n])}
+        self.weighted_normaliser += weight * normaliser
+        self.average.add({k: v for k, v in update.state.items() if k not in parameters}, weight)
         for name in parameters:
-            start = global_state[name]
-            if not torch.is_floating_point(start):
-                continue
-            start64 = start.to(torch.float64)
-            direction = torch.zeros_like(start64)  # Σ_i p_i d_i
-            for s in sites:
-                if normaliser[s] <= 0.0:  # no local step: w_i = w_g, nothing to add
-                    continue
-                moved = start64 - updates[s].state[name].to(torch.float64)
-                direction += (share[s] / normaliser[s]) * moved
-            new_state[name] = (start64 - tau_eff * direction).to(start.dtype)
-        return new_state, self.update_server_state(server_state, updates, weights)
+            acc = self.moved.get(name)
+            if acc is None:
+                acc = self.moved[name] = torch.zeros(self.global_state[name].numel(),
+                                                     dtype=torch.float64)
+            if normaliser > 0.0:  # no local step: w_i = w_g, nothing to add
+                self.average._scratch.add_scaled(acc, update.state[name], weight / normaliser,
+                                                 subtract=self.global_state[name])
+
+    def new_model(self) -> StateDict:
+        new_state = self.average.result()
+        total = self.average.total
+        tau_eff = self.weighted_normaliser / total
+        for name, moved in self.moved.items():
+            start = self.global_state[name]
+            step = (moved / total).mul_(tau_eff).reshape(start.shape)
+            new_state[name] = (start.to(torch.float64) + step).to(start.dtype)
+        return new_state

@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     ClientUpdate,
     LocalSettings,
     SiteContext,
     StateDict,
-    weighted_average,
 )
 
 SERVER_C = "scaffold.c."  # server state / broadcast: c per state entry
@@ -85,43 +85,8 @@ class Scaffold(Algorithm):
     def broadcast(self, server_state: StateDict, site: str) -> StateDict:
         return {k: v for k, v in server_state.items() if k.startswith(SERVER_C)}
 
-    def aggregate(
-        self,
-        global_state: StateDict,
-        updates: Mapping[str, ClientUpdate],
-        server_state: StateDict,
-    ) -> tuple[StateDict, StateDict]:
-        weights = self.aggregation_weights(updates, server_state)
-        sites = sorted(updates)
-        total = float(sum(weights[s] for s in sites))
-        parameters = sorted({
-            key[len(DELTA_C):] for u in updates.values() for key in u.extras if key.startswith(DELTA_C)
-        })
-        # Buffers take FedAvg's average; parameters get the server step below (not averaged twice).
-        new_state = weighted_average(
-            {s: {k: v for k, v in u.state.items() if k not in parameters} for s, u in updates.items()},
-            weights)
-        for name in parameters:
-            x = global_state[name]
-            x64 = x.to(torch.float64)
-            step = torch.zeros_like(x64)  # Σ_i p_i (y_i − x), in place: same float64 operations
-            moved = torch.empty_like(x64)
-            for s in sites:
-                step.add_(moved.copy_(updates[s].state[name]).sub_(x64).mul_(weights[s] / total))
-            new_state[name] = (x64 + self.server_lr * step).to(x.dtype)
-
-        num_sites = float(server_state[NUM_SITES]) if NUM_SITES in server_state else float(len(sites))
-        new_server = dict(server_state)
-        for name in parameters:
-            key = SERVER_C + name
-            c = server_state.get(key, torch.zeros_like(global_state[name]))
-            total_dc = torch.zeros_like(c, dtype=torch.float64)
-            for s in sites:
-                if DELTA_C + name in updates[s].extras:
-                    total_dc.add_(updates[s].extras[DELTA_C + name])  # widened to float64 per element
-            # (|S| / N) · mean_{i∈S} Δc_i  =  Σ_{i∈S} Δc_i / N
-            new_server[key] = (c.to(torch.float64) + total_dc / num_sites).to(c.dtype)
-        return new_state, self.update_server_state(new_server, updates, weights)
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+        return ScaffoldAggregation(self, global_state, server_state)
 
     # ---- site -----------------------------------------------------------------------------
     def on_round_start(
@@ -178,3 +143,54 @@ class Scaffold(Algorithm):
                 extras[DELTA_C + name] = delta.cpu()
                 site_state[SITE_C + name] = (site_c[name] + delta).cpu()
         return extras
+
+
+class ScaffoldAggregation(Aggregation):
+    """Streams SCAFFOLD's server step: Σ_i n_i (y_i − x) and Σ_i Δc_i per parameter.
+
+    Each site's y_i and Δc_i are folded in and dropped on arrival, so the server holds two
+    float64 sums per parameter, not two tensors per site. Buffers take FedAvg's average.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.moved: dict[str, torch.Tensor] = {}  # Σ n_i (y_i − x), flat float64
+        self.delta_c: dict[str, torch.Tensor] = {}  # Σ Δc_i, flat float64
+
+    def _sum(self, sums: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name not in sums:
+            sums[name] = torch.zeros(self.global_state[name].numel(), dtype=torch.float64)
+        return sums[name]
+
+    def fold(self, site: str, update: ClientUpdate, weight: float) -> None:
+        parameters = {key[len(DELTA_C):] for key in update.extras if key.startswith(DELTA_C)}
+        self.average.add({k: v for k, v in update.state.items() if k not in parameters}, weight)
+        scratch = self.average._scratch
+        for name in sorted(parameters):
+            scratch.add_scaled(self._sum(self.moved, name), update.state[name], weight,
+                               subtract=self.global_state[name])
+            scratch.add_scaled(self._sum(self.delta_c, name), update.extras[DELTA_C + name], 1.0)
+
+    def kept_extras(self, extras: StateDict) -> StateDict:
+        return {k: v for k, v in extras.items() if not k.startswith(DELTA_C)}
+
+    def new_model(self) -> StateDict:
+        new_state = self.average.result()
+        total, server_lr = self.average.total, float(self.algorithm.params["server_lr"])
+        for name, moved in self.moved.items():
+            x = self.global_state[name]
+            step = (moved / total).mul_(server_lr).reshape(x.shape)
+            new_state[name] = (x.to(torch.float64) + step).to(x.dtype)
+        return new_state
+
+    def next_server_state(self) -> StateDict:
+        server_state = self.server_state
+        num_sites = float(server_state[NUM_SITES]) if NUM_SITES in server_state else float(len(self.received))
+        new_server = dict(server_state)
+        for name, total_dc in self.delta_c.items():
+            key = SERVER_C + name
+            c = server_state.get(key, torch.zeros_like(self.global_state[name]))
+            # (|S| / N) · mean_{i∈S} Δc_i  =  Σ_{i∈S} Δc_i / N
+            step = (total_dc / num_sites).reshape(c.shape)
+            new_server[key] = (c.to(torch.float64) + step).to(c.dtype)
+        return new_server

@@ -280,6 +280,10 @@ def audit_model(
     if not Path(manifest).exists():
         raise AuditError(f"manifest {manifest} does not exist")
     edges = tuple(float(e) for e in age_edges)
+    try:
+        audited_task.apply_model_options(dict(data_options or {}))
+    except ValueError as err:
+        raise AuditError(str(err)) from None
     model = build_audited_model(audited_task, weights, network, network_kwargs)
     try:
         site = load_audit_site(audited_task, manifest, split=split, age_edges=edges,

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import Algorithm, ClientUpdate, StateDict, float_state
+from fedfair_med.algorithms.base import Algorithm, StateDict, float_state
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.aggregate import combine_summaries
 from fedfair_med.privacy.settings import PrivacyLedger
@@ -132,18 +132,24 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         if algorithm.wants_statistics(r, server_state):
             stats = {s.name: s.statistics(algorithm, model, global_state, r) for s in sites}
             server_state = algorithm.absorb_statistics(server_state, stats)
-        updates: dict[str, ClientUpdate] = {}
-        for site in sites:
+        # Streaming aggregation: each update is folded in (sorted by site name, as the OpenFL
+        # aggregator does) and dropped, so memory does not grow with one model per site.
+        aggregation = algorithm.start_aggregation(global_state, server_state)
+        train_loss: dict[str, float] = {}
+        for site in sorted(sites, key=lambda s: s.name):
             broadcast = algorithm.broadcast(server_state, site.name)
-            updates[site.name] = site.train(algorithm, model, global_state, broadcast, r,
-                                            progress=progress.advance)
+            update = site.train(algorithm, model, global_state, broadcast, r, progress=progress.advance)
+            train_loss[site.name] = float(update.extras["loss"])
+            aggregation.add(site.name, update)
+            del update
         torch.manual_seed(derive_seed(config.seed, r, "server"))
-        global_state, server_state = algorithm.aggregate(global_state, updates, server_state)
+        global_state, server_state = aggregation.result()
+        del aggregation
         evaluations = {s.name: s.evaluate(model, global_state) for s in sites}
         record = {
             "round": r,
             "elapsed_s": round(time.perf_counter() - started, 3),
-            "train_loss": {s: float(u.extras["loss"]) for s, u in updates.items()},
+            "train_loss": {s.name: train_loss[s.name] for s in sites},
             **combine_summaries({k: v[1] for k, v in evaluations.items()},
                                 classification=classification),
         }

@@ -59,6 +59,7 @@ def build_global_model(config: RunConfig, task: Task) -> nn.Module:
     With DP-SGD on, BatchNorm becomes GroupNorm here (or the network is refused), so every site
     and the server share the architecture Opacus can train.
     """
+    task.apply_model_options(config.data)  # e.g. extra input planes, also where no data is loaded
     torch.manual_seed(derive_seed(config.seed, "init"))
     model = task.build_model(config.network, **config.network_kwargs)
     if config.privacy.get("dp_sgd"):

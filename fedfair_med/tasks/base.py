@@ -67,6 +67,9 @@ class Task:
         return "dice" if self.kind == SEGMENTATION else "accuracy"
 
     # ---- model ---------------------------------------------------------------------------
+    def apply_model_options(self, data: Mapping[str, Any]) -> None:
+        """Take the data options that change the network's shape (the aggregator loads no data)."""
+
     def build_model(self, network: str | None = None, **kwargs: Any) -> nn.Module:
         from fedfair_med.models import build_network
 
