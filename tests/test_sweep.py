@@ -113,6 +113,23 @@ def test_a_bad_file_is_rejected_whole_with_every_entry_named(tmp_path) -> None:
         load_sweep({**TINY, "select": {"gap": "dp:sex"}})   # segmentation has only EA
 
 
+def test_per_label_settings_override_base_for_that_label_only() -> None:
+    sweep = load_sweep({
+        "base": {**TINY_BASE, "lr": 0.001}, "seeds": [0],
+        "methods": {"fedavg": {"method": "fedavg"},
+                    "scaffold": {"method": "scaffold", "settings": {"lr": 0.05, "rounds": 3}}},
+    })
+    configs = {r.label: r.config for r in sweep.runs}
+    assert configs["scaffold"].lr == 0.05 and configs["scaffold"].rounds == 3
+    assert configs["fedavg"].lr == 0.001 and configs["fedavg"].rounds == TINY_BASE["rounds"]
+    with pytest.raises(SweepError, match=r"methods.s.settings: 'seed' is set by the sweep"):
+        load_sweep({"base": TINY_BASE, "seeds": [0],
+                    "methods": {"s": {"method": "fedavg", "settings": {"seed": 4}}}})
+    with pytest.raises(SweepError, match=r"methods.s at default: lr"):
+        load_sweep({"base": TINY_BASE, "seeds": [0],
+                    "methods": {"s": {"method": "fedavg", "settings": {"lr": -1}}}})
+
+
 # ---- running, resuming, parallel ---------------------------------------------------------------
 def test_sweep_writes_every_output_and_the_long_table(finished) -> None:
     _, out, result = finished

@@ -10,6 +10,11 @@ A sweep file is one YAML mapping::
     methods:
       fedavg: {method: fedavg}
       flexfair: {method: flexfair, grid: {lam: [0.5, 1, 3]}, fixed: {weighting: uniform}}
+      scaffold: {method: scaffold, settings: {lr: 0.05}}   # run settings for this label only
+
+``settings`` overrides keys of ``base`` for one label (e.g. a learning rate suited to the plain
+SGD that FedNova and SCAFFOLD require while the others use Adam); they are recorded in each
+run's ``run.yaml``.
 
 Every (label, grid point, seed) becomes one :class:`~fedfair_med.config.RunConfig`, validated
 with the same :func:`~fedfair_med.config.load_config` a single run uses, before anything runs.
@@ -40,7 +45,7 @@ import yaml
 from fedfair_med.config import ConfigError, RunConfig, load_config
 
 SWEEP_KEYS = ("name", "base", "seeds", "select", "reference", "methods")
-METHOD_KEYS = ("method", "grid", "fixed")
+METHOD_KEYS = ("method", "grid", "fixed", "settings")
 SELECT_KEYS = ("metric_weight", "gap_weight", "gap")
 SWEEP_SET = ("method", "method_params", "seed", "name")  # the sweep sets these per run
 # runs.csv columns a grid parameter must not shadow.
@@ -269,7 +274,7 @@ def _expand_entry(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[
         problems.append(f"{at}: a label must use letters, digits, '.', '_' or '-' (it names a folder)")
         return []
     if not isinstance(entry, dict):
-        problems.append(f"{at}: must be a mapping with method (and optional grid, fixed)")
+        problems.append(f"{at}: must be a mapping with method (and optional grid, fixed, settings)")
         return []
     unknown = sorted(set(entry) - set(METHOD_KEYS))
     if unknown:
@@ -279,6 +284,17 @@ def _expand_entry(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[
         problems.append(f"{at}.method: unknown method {method!r}; choose one of {sorted(registry)}")
         return []
     grid, fixed = entry.get("grid") or {}, entry.get("fixed") or {}
+    settings = entry.get("settings") or {}
+    if not isinstance(settings, dict):
+        problems.append(f"{at}.settings: must map run settings (keys of base) to values")
+        return []
+    for key in settings:
+        if key in ("method", "method_params", "seed", "name"):
+            problems.append(f"{at}.settings: {key!r} is set by the sweep itself; use method, grid "
+                            f"or fixed (method parameters) or seeds instead")
+    if problems:
+        return []
+    base = {**base, **settings}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         problems.append(f"{at}.grid: must map each parameter to a non-empty list of values")
         return []
