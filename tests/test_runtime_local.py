@@ -149,3 +149,30 @@ def test_flexfair_ea_under_adam_warns_and_sgd_does_not(tmp_path) -> None:
         warnings.simplefilter("always")
         run_simulation(RunConfig(optimizer="sgd", **common), tmp_path / "sgd")
     assert not any("per-site penalty" in str(w.message) for w in caught)
+
+
+def test_load_state_copies_like_load_state_dict_and_refuses_mismatches() -> None:
+    from fedfair_med.algorithms.base import float_state, load_state
+    from fedfair_med.models import build_network
+
+    def unet(seed: int):
+        torch.manual_seed(seed)
+        return build_network("unet", in_channels=1, out_channels=1, spatial_dims=2, channels=(4, 8))
+
+    target, source = unet(0), unet(1)
+    with torch.no_grad():  # make the buffers differ too (running statistics, step counter)
+        for name, buffer in source.named_buffers():
+            buffer.add_(3 if buffer.is_floating_point() else 5)
+    wanted = float_state(source)
+    parameters = [id(p) for p in target.parameters()]
+    load_state(target, wanted)
+    loaded = target.state_dict()
+    assert all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+    assert [id(p) for p in target.parameters()] == parameters  # copied in place: optimisers stay valid
+    missing = dict(wanted)
+    missing.pop(next(iter(missing)))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_state(target, missing)
+    reshaped = {k: (v[:1] if v.ndim and v.shape[0] > 1 else v) for k, v in wanted.items()}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_state(target, reshaped)

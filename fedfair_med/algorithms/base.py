@@ -11,6 +11,7 @@ counts, FedNova's normaliser or SCAFFOLD's control-variate delta. Per-sample val
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -73,6 +74,32 @@ class ClientUpdate:
     state: StateDict
     num_samples: int
     extras: StateDict = field(default_factory=dict)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` (strict), copying straight into the model's own tensors.
+
+    ``load_state_dict`` walks every module in Python; on a 87-module UNet that is ~3 ms against
+    ~0.3 ms for the copies themselves, paid by every site in every round (twice with evaluation).
+    Any mismatch in names or shapes falls back to ``load_state_dict`` for its usual error.
+    """
+    own = model.state_dict(keep_vars=True)
+    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+        model.load_state_dict(state)  # raises, naming what differs
+        return
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
+
+
+def to_device(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)`` only when needed: ``to`` walks every module even when nothing moves.
+
+    A model lives on one device here, so its first tensor says where all of them are.
+    """
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if first is None or first.device != torch.device(device):
+        model.to(device)
 
 
 def float_state(model: nn.Module) -> StateDict:
@@ -400,8 +427,8 @@ class Algorithm:
         ``site_state`` is the site's private memory between rounds (e.g. SCAFFOLD's c_i); it is
         changed in place and never sent.
         """
-        model.load_state_dict(global_state)
-        model.to(ctx.device)
+        load_state(model, global_state)
+        to_device(model, ctx.device)
         self.on_round_start(ctx, model, broadcast, site_state)
         work_model = self.prepare_model(model, ctx)
         work_model.train()
@@ -412,7 +439,8 @@ class Algorithm:
         # load_state_dict copied global_state into the model, so global_state itself still holds
         # the round's start after training; only tensors that *are* the model's storage (a caller
         # passing model.state_dict()) need a copy. Saves one model-sized clone per site and round.
-        live = {t.data_ptr() for m in (model, work_model) for t in m.state_dict().values()}
+        live = {t.data_ptr() for m in {id(model): model, id(work_model): work_model}.values()
+                for t in m.state_dict().values()}
         start_state = {k: (v.detach().clone() if v.data_ptr() in live else v.detach())
                        for k, v in global_state.items()}
         steps, loss_sum = 0, 0.0

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import Algorithm, StateDict, float_state
+from fedfair_med.algorithms.base import Algorithm, StateDict, float_state, load_state
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.aggregate import combine_summaries
 from fedfair_med.privacy.settings import PrivacyLedger
@@ -145,7 +145,8 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         torch.manual_seed(derive_seed(config.seed, r, "server"))
         global_state, server_state = aggregation.result()
         del aggregation
-        evaluations = {s.name: s.evaluate(model, global_state) for s in sites}
+        load_state(model, global_state)  # once: evaluation leaves the weights unchanged
+        evaluations = {s.name: s.evaluate(model, None) for s in sites}
         record = {
             "round": r,
             "elapsed_s": round(time.perf_counter() - started, 3),
@@ -156,7 +157,7 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         if ledger.active:  # the budget spent so far
             record["privacy"] = ledger.round_record(r, _dp_sgd_epsilon(sites))
         if all(s.val_set is not None for s in sites):
-            val = {s.name: s.evaluate(model, global_state, split="val")[1] for s in sites}
+            val = {s.name: s.evaluate(model, None, split="val")[1] for s in sites}
             record["val"] = combine_summaries(val, classification=classification)
         rundir.log_round(record)
         history.append(record)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import (
-    Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, move_batch,
+    Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, load_state, move_batch,
 )
 from fedfair_med.config import RunConfig
 from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
@@ -115,7 +115,7 @@ class SiteRunner:
     def statistics(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
                    round_index: int) -> StateDict:
         """Forward-only aggregate statistics of the global model (fixed-size tensors)."""
-        model.load_state_dict(global_state)
+        load_state(model, global_state)
         model.eval()
         with torch.no_grad():
             return algorithm.client_statistics(self._context(round_index, shuffle=False), model)
@@ -138,9 +138,15 @@ class SiteRunner:
             return self.val_set
         raise ValueError(f"site {self.name!r} has no {split!r} split")
 
-    def predict(self, model: nn.Module, global_state: StateDict, split: str = "test") -> pd.DataFrame:
-        """Per-sample predictions on ``split`` — they stay at the site (only summaries travel)."""
-        model.load_state_dict(global_state)
+    def predict(self, model: nn.Module, global_state: StateDict | None,
+                split: str = "test") -> pd.DataFrame:
+        """Per-sample predictions on ``split`` — they stay at the site (only summaries travel).
+
+        ``global_state=None`` means ``model`` already holds the weights to evaluate (a runtime
+        evaluating many sites with one model loads it once per round).
+        """
+        if global_state is not None:
+            load_state(model, global_state)
         model.eval()
         loader = make_loader(self._split(split), self.resolved.batch_size, shuffle=False, seed=0)
         rows: list[dict[str, Any]] = []
@@ -161,7 +167,7 @@ class SiteRunner:
                     rows.append(row)
         return pd.DataFrame(rows)
 
-    def evaluate(self, model: nn.Module, global_state: StateDict,
+    def evaluate(self, model: nn.Module, global_state: StateDict | None,
                  split: str = "test") -> tuple[pd.DataFrame, dict[str, Any]]:
         """Predictions (kept here) and their aggregate summary (the part that may travel)."""
         predictions = self.predict(model, global_state, split)
