@@ -28,6 +28,7 @@ from fedfair_med.algorithms.base import Algorithm, StateDict, float_state, load_
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.aggregate import combine_summaries
 from fedfair_med.privacy.settings import PrivacyLedger
+from fedfair_med.runtime.memory import keep_freed_memory
 from fedfair_med.runtime.rundir import RunDirectory
 from fedfair_med.runtime.site import SiteRunner, build_global_model, derive_seed, resolve
 from fedfair_med.tasks import build_task
@@ -105,6 +106,7 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
 
     progress = progress or _Silent()
     config.validate()
+    keep_freed_memory()  # model-sized copies every round reuse heap pages (runtime/memory.py)
     task = build_task(config.task)
     sites = build_sites(config, task)
     resolved = resolve(config, task)

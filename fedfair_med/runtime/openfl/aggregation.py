@@ -48,6 +48,7 @@ from fedfair_med.runtime.openfl.protocol import (
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
 from fedfair_med.runtime.rundir import RunDirectory
+from fedfair_med.runtime.memory import keep_freed_memory
 from fedfair_med.runtime.site import build_global_model, derive_seed
 from fedfair_med.tasks import build_task
 from fedfair_med.tasks.base import CLASSIFICATION
@@ -175,6 +176,7 @@ class FedFairAggregator(Aggregator):
                  checkpoint_dir: str | None = None, plan_sha256: str = "",
                  resume_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        keep_freed_memory()
         self.spec = FederationSpec.from_settings(spec)
         self.config = self.spec.config()
         self.classification = build_task(self.config.task).kind == CLASSIFICATION

@@ -43,6 +43,7 @@ from fedfair_med.runtime.openfl.protocol import (
     to_torch, unpack_state,
 )
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
+from fedfair_med.runtime.memory import keep_freed_memory
 from fedfair_med.runtime.site import SiteRunner, build_global_model
 from fedfair_med.tasks import build_task
 
@@ -81,6 +82,7 @@ class SiteTaskRunner(TaskRunner):
                  out_dir: str | Path = ".", progress: Callable[[str, int, dict[str, Any]], None] | None = None,
                  data_loader: Any = None, bundle: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(data_loader=data_loader, **kwargs)
+        keep_freed_memory()
         self.spec = FederationSpec.from_settings(spec)
         self.spec_settings = dict(spec)
         self.config = self.spec.config()
