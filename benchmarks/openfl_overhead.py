@@ -119,12 +119,15 @@ def wire_bytes(wire: Path, model_bytes: int, rounds: int) -> dict[str, Any]:
 
     uploads = statistics = 0
     by_task: dict[str, int] = {}
-    for line in wire.read_text().splitlines():
-        entry = json.loads(line)
+    entries = [json.loads(line) for line in wire.read_text().splitlines()]
+    # Bytes sent are the `kind: wire` tensors (packed); what they carry is logged as `content`.
+    packed = any(e.get("kind") == "wire" for e in entries)
+    for entry in entries:
         size = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
-        uploads += size
-        by_task[entry["task"]] = by_task.get(entry["task"], 0) + size
-        if entry["name"].startswith("extra/flexfair"):
+        if entry.get("kind", "wire") == "wire" or not packed:
+            uploads += size
+            by_task[entry["task"]] = by_task.get(entry["task"], 0) + size
+        if entry.get("kind") != "wire" and entry["name"].startswith("extra/flexfair"):
             statistics += size
     per_round_site = uploads / rounds / len(SITES)
     downloads = model_bytes  # one global model per site and round (broadcast extras are O(groups))

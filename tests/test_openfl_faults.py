@@ -29,7 +29,7 @@ from fedfair_med.privacy.secure_sum import FRACTION_BITS, SecureSumError, decode
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.aggregation import MethodAggregation
 from fedfair_med.runtime.openfl.protocol import (
-    MODEL_TAG, SERVER_STATE, TRAINED_TAG, pack_state, unpack_state,
+    MODEL_BLOB, MODEL_TAG, SERVER_STATE, TRAINED_TAG, ModelLayout, expand_packed, pack_state, unpack_state,
 )
 from fedfair_med.runtime.openfl.secure import (
     PUBLIC_KEY_PREFIX, SECURE_METHODS, make_site_keys, read_hex_key, summed_update,
@@ -62,14 +62,17 @@ def _one_round(spec: dict, bundles: Path, task: str = "fedfair_train") -> tuple[
     for site in SITES:  # what `certify` publishes in the initial server state
         public = read_hex_key(bundles / site / f"cert/client/col_{site}.secagg.pub", "public key")
         server[PUBLIC_KEY_PREFIX + site] = torch.tensor(list(public), dtype=torch.uint8)
-    inputs = {k: v.numpy() for k, v in state0.items()}
-    inputs[SERVER_STATE] = pack_state(server)
+    layout = ModelLayout(state0)
+    inputs = {MODEL_BLOB: layout.pack(state0), SERVER_STATE: pack_state(server)}
     rows = [(k, 0, (MODEL_TAG,), v) for k, v in inputs.items()]
     sent = {}
     for site in SITES:
         runner = SiteTaskRunner(spec, site=site, bundle=bundles / site)
         out, _ = getattr(runner, task)(col_name=site, round_num=0, input_tensor_dict=inputs)
-        sent[site] = {key.tensor_name: value for key, value in out.items()}
+        # what the wire tensors carry, by name (the packed model and the packed task outputs)
+        carried = expand_packed({(key.tensor_name, frozenset(key.tags)): value for key, value in out.items()},
+                                layout)
+        sent[site] = {name: value for (name, _), value in carried.items()}
         rows += [(key.tensor_name, 0, tuple(sorted((*key.tags, site))), value) for key, value in out.items()]
     table = pd.DataFrame(rows, columns=["tensor_name", "round", "tags", "nparray"])
     # OpenFL makes every AggregationFunction a per-process singleton: forget the previous one
@@ -77,8 +80,8 @@ def _one_round(spec: dict, bundles: Path, task: str = "fedfair_train") -> tuple[
     aggregation = MethodAggregation(spec)
     assert aggregation.spec.secure_aggregation == bool(spec.get("secure_aggregation"))
     reporting = [SimpleNamespace(col_name=s) for s in SITES]
-    result = {k: aggregation.call(reporting, table, k, 0, (TRAINED_TAG,)) for k in [*state0, SERVER_STATE]}
-    return sent, result
+    result = {k: aggregation.call(reporting, table, k, 0, (TRAINED_TAG,)) for k in (MODEL_BLOB, SERVER_STATE)}
+    return sent, {**layout.unpack(result[MODEL_BLOB]), SERVER_STATE: result[SERVER_STATE]}
 
 
 @pytest.mark.parametrize("method", ["fedavg", "flexfair-ea", "fedprox", "fairmixup", "dynamicfl"])
@@ -302,6 +305,7 @@ def test_secure_flexfair_federation_matches_the_simulation(tmp_path: Path) -> No
     for name in reference:
         assert torch.allclose(model[name].double(), reference[name].double(), atol=1e-4), name
     wire = [json.loads(line) for line in (tmp_path / "wire.jsonl").read_text().splitlines()]
+    wire = [e for e in wire if e["kind"] == "content"]  # what the packed wire tensors carry
     trained = [e for e in wire if "trained" in e["tags"] and e["shape"] != [0]]
     assert trained and all(e["dtype"] == "uint64" for e in trained  # weights only masked
                            if not e["name"].endswith("num_batches_tracked"))

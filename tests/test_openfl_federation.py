@@ -154,7 +154,21 @@ def assert_same_numbers(ws: Path, tmp_path: Path) -> None:
 def assert_wire_is_clean(wire_log: Path, ws: Path) -> None:
     """Only model tensors, empty placeholders and fixed-size aggregate tables leave a site."""
     model = torch.load(ws / "run/model.pt")
-    entries = [json.loads(line) for line in wire_log.read_text().splitlines()]
+    logged = [json.loads(line) for line in wire_log.read_text().splitlines()]
+    # What is sent: the packed model (all its bytes, or an empty placeholder), the server-state
+    # placeholder and one packed tensor of everything else -- three tensors per task.
+    model_bytes = sum(v.numel() * v.element_size() for v in model.values())
+    sent = [e for e in logged if e["kind"] == "wire"]
+    assert {e["name"] for e in sent} == {"fedfair.model", "__server_state__", "fedfair.packed:fedfair_train",
+                                         "fedfair.packed:fedfair_evaluate"}
+    for e in sent:
+        assert e["dtype"] == "uint8", e
+        if e["name"] == "fedfair.model":
+            assert e["shape"] in ([model_bytes], [0]), e
+        elif e["name"] == "__server_state__":
+            assert e["shape"] == [0], e
+    # What it carries, tensor by tensor:
+    entries = [e for e in logged if e["kind"] == "content"]
     assert {e["site"] for e in entries} == set(SITES)
     sample_counts = {12, 6}  # quarter-size train / test sets: a per-sample vector would show it
     shapes_by_name: dict[str, set] = {}
@@ -226,6 +240,55 @@ def test_wire_codec_is_lossless_and_summaries_round_trip() -> None:
     assert tables_to_summary(summary_to_tables(summary, vocab), vocab) == summary
     with pytest.raises(ValueError, match="vocabulary"):
         summary_to_tables({**summary, "groups": {"sex": {"other": summary["overall"]}}}, vocab)
+
+
+def test_model_and_task_outputs_pack_into_one_tensor_each_losslessly() -> None:
+    import numpy as np
+
+    from fedfair_med.models import build_network
+    from fedfair_med.runtime.openfl.protocol import (
+        MODEL_BLOB, PACKED, ModelLayout, expand_packed, pack_arrays, unpack_arrays)
+
+    torch.manual_seed(0)
+    net = build_network("unet", in_channels=1, out_channels=1, spatial_dims=2, channels=(4, 8))
+    state = net.state_dict()  # float32 weights and int64 BatchNorm counters
+    layout = ModelLayout(state)
+    blob = layout.pack(state)
+    assert blob.dtype == np.uint8 and blob.size == sum(v.numel() * v.element_size() for v in state.values())
+    back = layout.unpack(blob)
+    assert list(back) == list(state)
+    assert all(back[k].dtype == state[k].numpy().dtype and np.array_equal(back[k], state[k].numpy())
+               for k in state)
+    with pytest.raises(ValueError, match="bytes"):
+        layout.unpack(blob[:-4])
+    wrong = dict(state)
+    first = next(iter(wrong))
+    wrong[first] = wrong[first].double()
+    with pytest.raises(ValueError, match=first):
+        layout.pack(wrong)
+
+    arrays = {("extra/flexfair.sums", "fedfair_extra"): np.array([0.1, 1e-300]),
+              ("extra/steps", "fedfair_extra"): np.array(7.0),  # 0-d stays 0-d
+              ("w", "trained"): np.arange(6, dtype=np.uint64).reshape(2, 3),
+              ("summary/sex", "fedfair_summary"): np.zeros((2, 5))}
+    unpacked = unpack_arrays(pack_arrays(arrays))
+    assert list(unpacked) == list(arrays)
+    for key, value in arrays.items():
+        assert unpacked[key].dtype == value.dtype and unpacked[key].shape == value.shape
+        assert np.array_equal(unpacked[key], value)
+    assert unpack_arrays(np.zeros(0, np.uint8)) == {}
+
+    # a round's rows: packed tensors are replaced by what they carry, keeping the site's tag
+    rows = {(MODEL_BLOB, frozenset({"trained", "site-a"})): blob,
+            (MODEL_BLOB, frozenset({"trained", "site-b"})): np.zeros(0, np.uint8),  # placeholder
+            (PACKED + ":fedfair_train", frozenset({"fedfair_extra", "site-a"})): pack_arrays(arrays),
+            ("__server_state__", frozenset({"model"})): np.zeros(3, np.uint8)}
+    expanded = expand_packed(rows, layout)
+    assert np.array_equal(expanded[(first, frozenset({"trained", "site-a"}))], state[first].numpy())
+    assert not any("site-b" in tags for _, tags in expanded)
+    assert np.array_equal(expanded[("w", frozenset({"trained", "site-a"}))], arrays[("w", "trained")])
+    assert ("extra/steps", frozenset({"fedfair_extra", "site-a"})) in expanded
+    assert ("__server_state__", frozenset({"model"})) in expanded
 
 
 def test_certify_signs_plan_sites_only_and_commands_fail_in_one_line(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,7 +44,8 @@ from fedfair_med.fairness.aggregate import combine_summaries
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
-    TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_numpy, to_torch, unpack_state,
+    TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
+    MODEL_BLOB, ModelLayout, expand_packed,
 )
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
@@ -59,14 +61,35 @@ logger = logging.getLogger(__name__)
 Rows = Mapping[tuple[str, frozenset], np.ndarray]
 
 
-def _round_rows(table: pd.DataFrame, fl_round: int) -> dict[tuple[str, frozenset], np.ndarray]:
-    """{(tensor name, set of tags): value} for one round of the aggregator's tensor table.
+class RoundTiming:
+    """Seconds per phase of one OpenFL round, appended to ``$FEDFAIR_TIMING_LOG`` when it is set."""
+
+    def __init__(self, who: str, fl_round: int) -> None:
+        self.who, self.fl_round = who, int(fl_round)
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = round(now - self._last, 6)
+        self._last = now
+
+    def write(self) -> None:
+        path = os.environ.get("FEDFAIR_TIMING_LOG")
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"site": self.who, "round": self.fl_round, **self.phases}) + "\n")
+
+
+def _round_rows(table: pd.DataFrame, fl_round: int, layout: ModelLayout) -> dict[tuple[str, frozenset], np.ndarray]:
+    """{(tensor name, set of tags): value} for one round of the aggregator's tensor table, with
+    the packed model and packed task outputs unpacked (:func:`expand_packed`).
 
     OpenFL keeps tags sorted (``('site-a', 'trained')``), so they are compared as sets.
     """
     rows = table[table["round"] == fl_round]
-    return {(str(n), frozenset(t)): np.asarray(v)
-            for n, t, v in zip(rows["tensor_name"], rows["tags"], rows["nparray"])}
+    return expand_packed({(str(n), frozenset(t)): np.asarray(v)
+                          for n, t, v in zip(rows["tensor_name"], rows["tags"], rows["nparray"])}, layout)
 
 
 def site_tensors(rows: Rows, tag: str, site: str,
@@ -91,21 +114,25 @@ class MethodAggregation(AggregationFunction):
         task = build_task(self.config.task)
         self.algorithm = build_algorithm(
             self.config.method, **method_params(self.config, REGISTRY[self.config.method]))
-        self.model_keys = list(build_global_model(self.config, task).state_dict())
+        self.layout = ModelLayout(build_global_model(self.config, task).state_dict())
+        self.model_keys = self.layout.names
         self._cache: dict[int, dict[str, np.ndarray]] = {}
 
     def call(self, local_tensors: list[Any], db_iterator: Any, tensor_name: str, fl_round: int,
              tags: tuple[str, ...]) -> np.ndarray:
         if TRAINED_TAG not in tags:
-            # extras and summaries: a plain sum (the aggregator reads per-site values itself)
-            return np.sum([np.asarray(t.tensor) for t in local_tensors], axis=0)
+            # packed extras and summaries: the aggregator reads each site's values itself
+            return np.zeros(0, dtype=np.uint8)
         if fl_round not in self._cache:
             sites = sorted(t.col_name for t in local_tensors)
+            timing = RoundTiming("aggregation", fl_round)
             self._cache = {fl_round: self._aggregate_round(db_iterator, fl_round, sites)}
+            timing.lap("method_aggregate_s")
+            timing.write()
         return self._cache[fl_round][tensor_name]
 
     def _aggregate_round(self, table: pd.DataFrame, fl_round: int, sites: list[str]) -> dict[str, np.ndarray]:
-        rows = _round_rows(table, fl_round)
+        rows = _round_rows(table, fl_round, self.layout)
         global_state: StateDict = {k: to_torch(rows[(k, frozenset((MODEL_TAG,)))]) for k in self.model_keys}
         server_state = unpack_state(rows[(SERVER_STATE, frozenset((MODEL_TAG,)))])
         if self.spec.secure_aggregation:
@@ -130,7 +157,7 @@ class MethodAggregation(AggregationFunction):
             new_state, server_state = self.algorithm.aggregate(global_state, updates, server_state)
         else:
             raise RuntimeError(f"OpenFL round {fl_round} has no training or statistics phase")
-        out = {k: to_numpy(new_state[k]) for k in self.model_keys}
+        out = {MODEL_BLOB: self.layout.pack(new_state)}
         out[SERVER_STATE] = pack_state(server_state)
         return out
 
@@ -164,7 +191,7 @@ class MethodAggregation(AggregationFunction):
             new_state, server_state = self.algorithm.aggregate(global_state, {PSEUDO_SITE: summed}, server_state)
         else:
             raise RuntimeError(f"OpenFL round {fl_round} has no training or statistics phase")
-        out = {k: to_numpy(new_state[k]) for k in self.model_keys}
+        out = {MODEL_BLOB: self.layout.pack(new_state)}
         out[SERVER_STATE] = pack_state({**server_state, **public_keys})
         return out
 
@@ -180,7 +207,8 @@ class FedFairAggregator(Aggregator):
         self.spec = FederationSpec.from_settings(spec)
         self.config = self.spec.config()
         self.classification = build_task(self.config.task).kind == CLASSIFICATION
-        self.model_keys = list(build_global_model(self.config, build_task(self.config.task)).state_dict())
+        self.layout = ModelLayout(build_global_model(self.config, build_task(self.config.task)).state_dict())
+        self.model_keys = self.layout.names
         self.rundir = RunDirectory(Path(run_dir), self.config)
         self.finished = False
         self.failure: str | None = None
@@ -198,22 +226,28 @@ class FedFairAggregator(Aggregator):
         k = self.round_number
         if k >= len(self._end_of_round_check_done) or self._end_of_round_check_done[k]:
             return
+        timing = RoundTiming("aggregator", k)
         done = sorted(self.collaborators_done)
         missing = sorted(set(self.authorized_cols) - set(done))
-        rows = _round_rows(self.tensor_db.tensor_db, k)
+        rows = _round_rows(self.tensor_db.tensor_db, k, self.layout)
         final_model = ({name: rows[(name, frozenset((MODEL_TAG,)))] for name in self.model_keys}
                        if k == self.rounds_to_train - 1 else None)
+        timing.lap("read_round_s")
         try:
-            super()._end_of_round_check()
+            super()._end_of_round_check()  # OpenFL: aggregation (our function), metrics, model save
+            timing.lap("openfl_end_of_round_s")
             self._record(k, done, missing, rows)
+            timing.lap("record_s")
             if final_model is not None:
                 self._finish(final_model)
             else:
                 self._checkpoint(k + 1)
+            timing.lap("checkpoint_s")
         except Exception as err:  # surfaced by run_aggregator, which stops the federation
             logger.exception("round %d failed", k)
             self.failure = f"OpenFL round {k} failed: {type(err).__name__}: {err}"
             raise
+        timing.write()
 
     def _record(self, k: int, done: list[str], missing: list[str],
                 rows: Rows) -> None:
@@ -282,7 +316,7 @@ class FedFairAggregator(Aggregator):
         from openfl.utilities import TensorKey
 
         tensors = {}
-        for name in [*self.model_keys, SERVER_STATE]:
+        for name in [MODEL_BLOB, SERVER_STATE]:
             value = self.tensor_db.get_tensor_from_cache(TensorKey(name, self.uuid, next_round, False, (MODEL_TAG,)))
             if value is None:
                 logger.warning("no checkpoint after round %d: %s is missing", next_round - 1, name)

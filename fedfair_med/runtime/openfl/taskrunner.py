@@ -40,7 +40,7 @@ from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EVALUATE, EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, STATISTICS,
     SUMMARY_PREFIX, SUMMARY_TAG, TRAIN, TRAINED_TAG, FederationSpec, summary_to_tables, to_numpy,
-    to_torch, unpack_state,
+    to_torch, unpack_state, MODEL_BLOB, PACKED, ModelLayout, pack_arrays, unpack_arrays,
 )
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
 from fedfair_med.runtime.memory import keep_freed_memory
@@ -90,7 +90,8 @@ class SiteTaskRunner(TaskRunner):
         self.algorithm = build_algorithm(
             self.config.method, **method_params(self.config, REGISTRY[self.config.method]))
         self.model = build_global_model(self.config, self.site_runner.task)
-        self.model_keys = list(self.model.state_dict())
+        self.layout = ModelLayout(self.model.state_dict())
+        self.model_keys = self.layout.names
         self.out_dir = Path(out_dir)
         self.progress = progress
         #: the site's bundle (its key-agreement key lives there under secure aggregation)
@@ -100,16 +101,16 @@ class SiteTaskRunner(TaskRunner):
 
     # ---- what OpenFL asks a task runner --------------------------------------------------
     def get_required_tensorkeys_for_function(self, func_name: str, **kwargs: Any) -> list[TensorKey]:
-        return [TensorKey(k, "GLOBAL", 0, False, (MODEL_TAG,)) for k in [*self.model_keys, SERVER_STATE]]
+        return [TensorKey(k, "GLOBAL", 0, False, (MODEL_TAG,)) for k in (MODEL_BLOB, SERVER_STATE)]
 
     def initialize_tensorkeys_for_functions(self, with_opt_vars: bool = False) -> None:
         pass
 
     def get_tensor_dict(self, with_opt_vars: bool = False) -> dict[str, np.ndarray]:
-        return {k: to_numpy(v) for k, v in self.model.state_dict().items()}
+        return {MODEL_BLOB: self.layout.pack(self.model.state_dict())}
 
     def set_tensor_dict(self, tensor_dict: Mapping[str, np.ndarray], with_opt_vars: bool = False) -> None:
-        self.model.load_state_dict({k: to_torch(tensor_dict[k]) for k in self.model_keys})
+        self.model.load_state_dict({k: to_torch(v) for k, v in self.layout.unpack(tensor_dict[MODEL_BLOB]).items()})
 
     def get_train_data_size(self) -> int:
         return len(self.site_runner.train_set)
@@ -122,7 +123,7 @@ class SiteTaskRunner(TaskRunner):
 
     # ---- helpers ------------------------------------------------------------------------
     def _inputs(self, input_tensor_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        global_state = {k: to_torch(input_tensor_dict[k]) for k in self.model_keys}
+        global_state = {k: to_torch(v) for k, v in self.layout.unpack(input_tensor_dict[MODEL_BLOB]).items()}
         server_state = unpack_state(input_tensor_dict[SERVER_STATE])
         self._received_server_state = server_state
         return global_state, split_public_keys(server_state)[1]
@@ -149,12 +150,27 @@ class SiteTaskRunner(TaskRunner):
 
     def _outputs(self, task: str, col_name: str, round_num: int,
                  tensors: Mapping[tuple[str, str], np.ndarray]) -> tuple[dict, dict]:
-        out = {}
+        """At most three wire tensors per task: the model (or an empty placeholder) and the
+        server-state placeholder when the task fills the next model's slot, and everything else
+        packed into one (see protocol's "Names on the wire")."""
+        tensors = {key: np.asarray(value) for key, value in tensors.items()}
         for (name, tag), value in tensors.items():
-            value = np.asarray(value)
-            key = TensorKey(name, col_name, round_num, False, (tag,))
-            out[key] = value
             self.sent.append((task, round_num, name, (tag,), tuple(value.shape), value.dtype.name))
+        model = {name: v for (name, tag), v in tensors.items()
+                 if tag == TRAINED_TAG and name in self.layout.names}
+        plain = len(model) == len(self.layout.names) and all(
+            v.size and v.dtype == dtype for (_, dtype, _), v in zip(self.layout.entries,
+                                                                    (model[n] for n in self.layout.names)))
+        wire: dict[tuple[str, str], np.ndarray] = {}
+        if (SERVER_STATE, TRAINED_TAG) in tensors:  # a task that fills the next model's slot
+            wire[(MODEL_BLOB, TRAINED_TAG)] = self.layout.pack(model) if plain else np.zeros(0, np.uint8)
+            wire[(SERVER_STATE, TRAINED_TAG)] = tensors.pop((SERVER_STATE, TRAINED_TAG))
+        rest = {key: v for key, v in tensors.items()
+                if not (key[1] == TRAINED_TAG and key[0] in self.layout.names and (plain or not v.size))}
+        wire[(f"{PACKED}:{task}", EXTRA_TAG)] = pack_arrays(rest)  # one name per task: both
+        # tasks of an OpenFL round send at once, and a shared name would overwrite the other
+        out = {TensorKey(name, col_name, round_num, False, (tag,)): value
+               for (name, tag), value in wire.items()}
         return out, {}
 
     def _notify(self, task: str, round_num: int, info: dict[str, Any]) -> None:
@@ -164,7 +180,7 @@ class SiteTaskRunner(TaskRunner):
     def _placeholders(self) -> dict[tuple[str, str], np.ndarray]:
         """Empty tensors under every model name: the server fills in the next model itself."""
         empty = np.zeros(0, dtype=np.uint8)
-        return {(k, TRAINED_TAG): empty for k in [*self.model_keys, SERVER_STATE]}
+        return {(k, TRAINED_TAG): empty for k in [*self.model_keys, SERVER_STATE]}  # packed: 2 empties
 
     # ---- the three tasks ----------------------------------------------------------------
     def fedfair_train(self, col_name: str, round_num: int, input_tensor_dict: Mapping[str, np.ndarray],
@@ -222,37 +238,105 @@ class FedFairCollaborator(Collaborator):
         super().__init__(*args, **kwargs)
         self.poll_interval_s = float(poll_interval_s)
         self.wire_log: list[dict[str, Any]] = []
+        #: seconds per phase of the current OpenFL round (FEDFAIR_TIMING_LOG writes them out)
+        self._phases: dict[str, float] = {}
+
+    def _add_time(self, phase: str, started: float) -> None:
+        self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - started
+
+    def _flush_timing(self, round_num: int) -> None:
+        """One JSON line per round: where this collaborator's time went (benchmarks read it)."""
+        path = os.environ.get("FEDFAIR_TIMING_LOG")
+        if path and self._phases:
+            line = {"site": self.collaborator_name, "round": int(round_num),
+                    **{k: round(v, 6) for k, v in sorted(self._phases.items())}}
+            with open(path, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        self._phases = {}
+
+    def get_data_for_tensorkey(self, tensor_key: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return super().get_data_for_tensorkey(tensor_key)
+        finally:
+            self._add_time("fetch_s", started)
+            self._phases["fetched_tensors"] = self._phases.get("fetched_tensors", 0) + 1
+
+    def do_task(self, task: Any, round_number: int) -> dict:
+        started = time.perf_counter()
+        try:
+            return super().do_task(task, round_number)
+        finally:
+            self._add_time("task_s", started)
 
     def send_task_results(self, tensor_dict: Mapping[Any, np.ndarray], round_number: int,
                           task_name: str) -> dict:
-        """Record what is about to cross the wire (never the values), then send it."""
-        entries = [{"site": self.collaborator_name, "task": task_name, "round": int(round_number),
-                    "name": key.tensor_name, "tags": list(key.tags),
-                    "shape": list(np.asarray(value).shape), "dtype": np.asarray(value).dtype.name}
-                   for key, value in tensor_dict.items()]
+        """Record what is about to cross the wire (never the values), then send it.
+
+        One ``kind: wire`` entry per tensor actually sent (its bytes are what the network
+        carries) and one ``kind: content`` entry per tensor packed inside it (name, tags, shape,
+        dtype), so an audit sees exactly what left the site.
+        """
+        base = {"site": self.collaborator_name, "task": task_name, "round": int(round_number)}
+        entries = []
+        for key, value in tensor_dict.items():
+            array = np.asarray(value)
+            entries.append({**base, "kind": "wire", "name": key.tensor_name, "tags": list(key.tags),
+                            "shape": list(array.shape), "dtype": array.dtype.name})
+            for name, tags, shape, dtype in self._contents(key, array):
+                entries.append({**base, "kind": "content", "wire": key.tensor_name, "name": name,
+                                "tags": tags, "shape": shape, "dtype": dtype})
         self.wire_log.extend(entries)
         path = os.environ.get("FEDFAIR_WIRE_LOG")
         if path:
             with open(path, "a") as fh:
                 fh.writelines(json.dumps(e) + "\n" for e in entries)
-        return super().send_task_results(tensor_dict, round_number, task_name)
+        started = time.perf_counter()
+        try:
+            return super().send_task_results(tensor_dict, round_number, task_name)
+        finally:
+            self._add_time("send_s", started)
+
+    def _contents(self, key: Any, array: np.ndarray) -> list[tuple[str, list[str], list[int], str]]:
+        """(name, tags, shape, dtype) of each tensor a wire tensor carries."""
+        if key.tensor_name == MODEL_BLOB:
+            if not array.size:
+                return []
+            return [(name, list(key.tags), list(shape), dtype.name)
+                    for name, dtype, shape in self.task_runner.layout.entries]
+        if key.tensor_name.startswith(PACKED):
+            return [(name, [tag], list(v.shape), v.dtype.name)
+                    for (name, tag), v in unpack_arrays(array).items()]
+        return [(key.tensor_name, list(key.tags), list(array.shape), array.dtype.name)]
 
     def run(self) -> None:
         self.callbacks.on_experiment_begin()
+        empty_polls = 0
         while True:
+            started = time.perf_counter()
             tasks, round_num, sleep_time, time_to_quit = self.client.get_tasks()
+            self._add_time("get_tasks_s", started)
             if time_to_quit:
                 break
             if not tasks:
-                # the aggregator always says 10 s; a tiny model's round takes ~1 s
-                time.sleep(min(float(sleep_time), self.poll_interval_s))
+                # The aggregator always says 10 s. Back off from 20 ms to poll_interval_s: a
+                # round that ends just after this site finished is noticed within ~20 ms, a
+                # long wait costs one small request per poll_interval_s.
+                started = time.perf_counter()
+                time.sleep(min(float(sleep_time), self.poll_interval_s, 0.02 * 1.5 ** empty_polls))
+                self._add_time("idle_s", started)
+                empty_polls += 1
                 continue
+            empty_polls = 0
             logger.info("Round %d: tasks %s", round_num, list(tasks))
             self.callbacks.on_round_begin(round_num)
             logs: dict[str, Any] = {}
             for task in tasks:
                 logs.update(self.do_task(task, round_num))
+            started = time.perf_counter()
             self.tensor_db.clean_up(self.db_store_rounds)
             self.callbacks.on_round_end(round_num, logs)
+            self._add_time("bookkeeping_s", started)
+            self._flush_timing(round_num)
         self.callbacks.on_experiment_end()
         logger.info("The aggregator says the federation is finished.")

@@ -193,14 +193,14 @@ def write_initial_model(rendered: RenderedPlan, path: Path) -> None:
     """``save/init.pbuf``: round-0 weights (seeded as in the simulation) + initial server state."""
     from openfl.protocols import utils
 
-    from fedfair_med.runtime.openfl.protocol import SERVER_STATE
+    from fedfair_med.runtime.openfl.protocol import MODEL_BLOB, SERVER_STATE, ModelLayout
 
     config = rendered.config
     task = build_task(config.task)
     model = build_global_model(config, task)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
-    tensors = {k: to_numpy(v) for k, v in state.items()}
+    tensors = {MODEL_BLOB: ModelLayout(state).pack(state)}
     tensors[SERVER_STATE] = pack_state(algorithm.init_server_state(state, list(rendered.spec["sites"])))
     proto = utils.construct_model_proto(tensors, 0, LosslessPipeline())
     path.parent.mkdir(parents=True, exist_ok=True)
