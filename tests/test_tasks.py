@@ -185,6 +185,22 @@ def test_polyp_one_federated_round_is_reproducible(tmp_path: Path) -> None:
     assert result.predictions["score"].tolist() == again.predictions["score"].tolist()
 
 
+@realdata
+@pytest.mark.parametrize("cache", [False, True])
+def test_background_prefetching_gives_bit_identical_training(tmp_path: Path, monkeypatch, cache: bool) -> None:
+    """Batches prepared in a thread (random augmentation included) are the same batches."""
+    data = {"manifests": [str(p) for p in polyp_manifests(tmp_path / "m")], "image_size": [32, 32],
+            "cache": cache}
+    models = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FEDFAIR_PREFETCH", setting)
+        config = RunConfig(name="p", task="polyp", rounds=2, batch_size=2, data=data,
+                           network_kwargs=TINY_UNET)
+        models[setting] = run_simulation(config, tmp_path / f"run-{setting}").state
+    assert models["0"].keys() == models["1"].keys()
+    assert all(torch.equal(models["0"][k], models["1"][k]) for k in models["0"])
+
+
 # ---- fundus --------------------------------------------------------------------------------------
 @realdata
 def test_fundus_fov_is_loaded_and_defaults_to_whole_image(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fedfair_med.algorithms.base import (
 )
 from fedfair_med.config import RunConfig
 from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
+from fedfair_med.data.prefetch import BackgroundBatches, prefetch_enabled
 from fedfair_med.fairness.aggregate import site_summary
 from fedfair_med.fairness.criteria import Criterion
 from fedfair_med.tasks.base import Task
@@ -107,7 +108,9 @@ class SiteRunner:
     def _context(self, round_index: int, shuffle: bool) -> SiteContext:
         seed = derive_seed(self.config.seed, round_index, self.site_index)
         torch.manual_seed(seed)
-        loader = make_loader(self.train_set, self.resolved.batch_size, shuffle=shuffle, seed=seed)
+        loader: Any = make_loader(self.train_set, self.resolved.batch_size, shuffle=shuffle, seed=seed)
+        if shuffle and self.dp_sgd is None and prefetch_enabled():  # Opacus needs the DataLoader
+            loader = BackgroundBatches(loader)  # same batches, prepared on a spare core
         return SiteContext(site=self.name, site_index=self.site_index, loader=loader,
                            objective=self.objective, settings=self.resolved.settings,
                            round=round_index, num_groups=self.num_groups)
