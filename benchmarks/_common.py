@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 if str(REPO) not in sys.path:  # `python benchmarks/NAME.py` from anywhere uses this checkout
     sys.path.insert(0, str(REPO))
+# Like for like: the hand-written loops the runtime is compared with do not prepare batches in a
+# background thread, so the runtime does not either (data_loading.py measures prefetching on its
+# own). FEDFAIR_PREFETCH=1 in the environment measures the runtime with it.
+os.environ.setdefault("FEDFAIR_PREFETCH", "0")
 
 
 # ---- command line and machine ------------------------------------------------------------------
