@@ -134,3 +134,31 @@ def test_weighted_sum_refuses_zero_total_weight_and_duplicate_sites() -> None:
     aggregation.add(site, updates[site])
     with pytest.raises(ValueError, match="two updates"):
         aggregation.add(site, updates[site])
+
+
+def test_a_method_written_against_aggregate_still_sees_every_update() -> None:
+    """Backward compatible: overriding aggregate() makes runtimes collect the round first."""
+    from fedfair_med.algorithms.base import Algorithm
+
+    class MedianOfSites(Algorithm):
+        name = "median-of-sites"
+
+        def aggregate(self, global_state, updates, server_state):
+            self.seen = sorted(updates)
+            stacked = {k: torch.stack([u.state[k].double() for u in updates.values()])
+                       for k in global_state if torch.is_floating_point(global_state[k])}
+            new = {k: (stacked[k].median(0).values.to(v.dtype) if k in stacked else v)
+                   for k, v in global_state.items()}
+            return new, server_state
+
+    _, server_state, updates = train_round("fedavg")
+    algorithm = MedianOfSites()
+    aggregation = algorithm.start_aggregation(GLOBAL, server_state)
+    assert isinstance(aggregation, CollectingAggregation)
+    for site in sorted(updates):
+        aggregation.add(site, updates[site])
+    new_state, _ = aggregation.result()
+    assert algorithm.seen == sorted(updates)
+    name = next(k for k in GLOBAL if GLOBAL[k].is_floating_point())
+    expected = torch.stack([updates[s].state[name].double() for s in updates]).median(0).values
+    assert torch.equal(new_state[name], expected.to(GLOBAL[name].dtype))

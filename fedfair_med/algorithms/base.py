@@ -276,8 +276,9 @@ class Algorithm:
       * :meth:`after_backward` — correct gradients before the optimiser step;
       * :meth:`observe_batch` — accumulate fixed-size statistics to report;
       * :meth:`client_extras` — the extras sent with the update.
-    Server side: :meth:`init_server_state`, :meth:`broadcast`, :meth:`site_weight` and
-    :meth:`start_aggregation` (streaming; :meth:`aggregate` folds a whole round at once).
+    Server side: :meth:`init_server_state`, :meth:`broadcast`, :meth:`site_weight`,
+    :meth:`update_server_state` and :meth:`streaming_aggregation` (each update folded in as it
+    arrives); or override :meth:`aggregate` to see a whole round's updates at once.
     """
 
     name = "base"
@@ -322,7 +323,18 @@ class Algorithm:
         return {s: self.site_weight(s, u, server_state) for s, u in updates.items()}
 
     def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
-        """The object that folds this round's updates in one at a time (streaming)."""
+        """What a runtime calls each round: an object it hands each site's update as it arrives.
+
+        A method that overrides :meth:`aggregate` (its server step needs every update at once,
+        like FairFed's) gets its updates collected and passed to it; every other method folds
+        them in as they come (:meth:`streaming_aggregation`), so the server never holds K models.
+        """
+        if type(self).aggregate is not Algorithm.aggregate:
+            return CollectingAggregation(self, global_state, server_state)
+        return self.streaming_aggregation(global_state, server_state)
+
+    def streaming_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+        """The streaming server step: FedAvg's running weighted sum (FedNova, SCAFFOLD override)."""
         return Aggregation(self, global_state, server_state)
 
     def aggregate(
@@ -332,9 +344,7 @@ class Algorithm:
         server_state: StateDict,
     ) -> tuple[StateDict, StateDict]:
         """Combine all site updates at once: the same arithmetic as folding them in sorted order."""
-        aggregation = self.start_aggregation(global_state, server_state)
-        if isinstance(aggregation, CollectingAggregation):  # would call back into aggregate
-            raise TypeError(f"{self.name}: a collecting method must override aggregate()")
+        aggregation = self.streaming_aggregation(global_state, server_state)
         for site in sorted(updates):
             aggregation.add(site, updates[site])
         return aggregation.result()

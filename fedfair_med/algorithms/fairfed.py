@@ -48,7 +48,6 @@ from fedfair_med.algorithms.base import (
     Aggregation,
     Algorithm,
     ClientUpdate,
-    CollectingAggregation,
     SiteContext,
     StateDict,
     move_batch,
@@ -95,7 +94,11 @@ class FairFed(Algorithm):
 
     def aggregate(self, global_state: StateDict, updates: Mapping[str, ClientUpdate],
                   server_state: StateDict) -> tuple[StateDict, StateDict]:
-        """Take this round's FairFed step on ω from the updates' statistics, then average."""
+        """Take this round's FairFed step on ω from the updates' statistics, then average.
+
+        ω needs every site's statistics, so this overrides ``aggregate``: runtimes collect the
+        round's updates first (``start_aggregation``) instead of folding them in as they come.
+        """
         statistics = {
             s: {k[len(STATS_KEY):]: v for k, v in u.extras.items() if k.startswith(STATS_KEY)}
             for s, u in updates.items()
@@ -109,10 +112,6 @@ class FairFed(Algorithm):
         for site in sorted(updates):
             aggregation.add(site, updates[site])
         return aggregation.result()
-
-    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
-        """FairFed's weights need every site's statistics, so the round is collected first."""
-        return CollectingAggregation(self, global_state, server_state)
 
     @torch.no_grad()
     def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:

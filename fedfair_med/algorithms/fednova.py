@@ -86,7 +86,7 @@ class FedNova(Algorithm):
                 extras[PARAM_PREFIX + name] = torch.tensor(1.0)
         return extras
 
-    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+    def streaming_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
         return NovaAggregation(self, global_state, server_state)
 
 

@@ -85,7 +85,7 @@ class Scaffold(Algorithm):
     def broadcast(self, server_state: StateDict, site: str) -> StateDict:
         return {k: v for k, v in server_state.items() if k.startswith(SERVER_C)}
 
-    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+    def streaming_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
         return ScaffoldAggregation(self, global_state, server_state)
 
     # ---- site -----------------------------------------------------------------------------
