@@ -212,7 +212,10 @@ class FederatedRounds:
         from fedfair_med.runtime.site import build_global_model
         from fedfair_med.tasks import build_task
 
+        from fedfair_med.runtime.memory import keep_freed_memory
+
         config.validate()
+        keep_freed_memory()  # as run_simulation does
         self.config = config
         self.task = task or build_task(config.task)
         self.sites = sites if sites is not None else build_sites(config, self.task)

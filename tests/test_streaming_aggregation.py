@@ -84,8 +84,10 @@ def test_folding_one_site_at_a_time_equals_aggregating_the_round(method: str) ->
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fednova", "scaffold", "flexfair", "dynamicfl"])
-def test_a_folded_update_is_not_kept(method: str) -> None:
-    """Memory stays flat in the number of sites: nothing model-sized survives a fold."""
+def test_a_folded_update_is_not_kept(method: str, monkeypatch) -> None:
+    """Memory stays flat in the number of sites: nothing model-sized survives a fold (here a
+    window of one state; by default up to WeightedSum.GROUP states wait, see the next test)."""
+    monkeypatch.setattr(WeightedSum, "GROUP", 1)
     algorithm, server_state, updates = train_round(method)
     aggregation = algorithm.start_aggregation(GLOBAL, server_state)
     assert not isinstance(aggregation, CollectingAggregation)
@@ -162,3 +164,27 @@ def test_a_method_written_against_aggregate_still_sees_every_update() -> None:
     name = next(k for k in GLOBAL if GLOBAL[k].is_floating_point())
     expected = torch.stack([updates[s].state[name].double() for s in updates]).median(0).values
     assert torch.equal(new_state[name], expected.to(GLOBAL[name].dtype))
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fednova", "scaffold"])
+def test_the_fold_window_changes_memory_not_bits(method: str, monkeypatch) -> None:
+    """Up to GROUP states wait and are folded together; the result is the same to the bit."""
+    results = {}
+    for group in (1, 2, 8):
+        monkeypatch.setattr(WeightedSum, "GROUP", group)
+        algorithm, server_state, updates = train_round(method)
+        aggregation = algorithm.start_aggregation(GLOBAL, server_state)
+        watched = []
+        for site in sorted(updates):
+            update = updates.pop(site)
+            watched.append([weakref.ref(t) for t in update.state.values()])
+            aggregation.add(site, update)
+            del update
+        gc.collect()
+        waiting = sum(any(w() is not None for w in refs) for refs in watched)
+        assert waiting == len(watched) % group if group > 1 else waiting == 0
+        results[group] = aggregation.result()
+        gc.collect()
+        assert not any(w() is not None for refs in watched for w in refs)  # all released
+    for group in (2, 8):
+        assert_states_equal(results[group][0], results[1][0])

@@ -140,45 +140,78 @@ class Float64Scratch:
 class WeightedSum:
     """Σ_s w_s θ_s over state dicts folded in one at a time, then divided by Σ_s w_s.
 
-    Holds one float64 accumulator per floating-point tensor, whatever the number of sites, so a
-    server never keeps every site's model at once (streaming aggregation). Integer buffers
-    (BatchNorm's ``num_batches_tracked``) take the first state's value. Callers fold sites in
-    sorted name order, so every runtime adds in the same order and gets the same bits.
+    Streaming with a small window: up to :attr:`GROUP` states wait, then are added block by block
+    (a 512 KiB float64 block stays in cache while every waiting state is added to it) into one
+    float64 sum per tensor. Memory is at most ``GROUP`` states plus that sum, whatever the
+    number of sites; a round of ≤ ``GROUP`` sites never allocates the model-sized sum at all.
+    Each element still sees ``acc += w_s θ_s`` in site order, then one division, so the bits do
+    not depend on the window — callers add sites in sorted name order and every runtime agrees.
+    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first state's value.
     """
+
+    #: states kept before they are folded into the running sum
+    GROUP = 8
 
     def __init__(self, skip: Iterable[str] = ()) -> None:
         self.skip = set(skip)
         self.total = 0.0
-        self._acc: dict[str, torch.Tensor] = {}  # flat float64 sums of floating-point tensors
+        self._acc: dict[str, torch.Tensor] = {}  # flat float64 sums, once a window was folded
         self._layout: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._first: dict[str, torch.Tensor] = {}  # integer buffers: the first state's value
+        self._pending: list[tuple[Mapping[str, torch.Tensor], float]] = []
+        self._block = torch.empty(0, dtype=torch.float64)
         self._scratch = Float64Scratch()
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         for name, value in state.items():
-            if name in self.skip:
+            if name in self.skip or name in self._layout:
                 continue
-            if name not in self._layout:
-                self._layout[name] = (value.shape, value.dtype)
-                if torch.is_floating_point(value):
-                    self._acc[name] = torch.zeros(value.numel(), dtype=torch.float64,
-                                                  device=value.device)
-                else:
-                    self._first[name] = value.detach().clone()
-            if name in self._acc:
-                self._scratch.add_scaled(self._acc[name], value.detach(), float(weight))
+            self._layout[name] = (value.shape, value.dtype)
+            if not torch.is_floating_point(value):
+                self._first[name] = value.detach().clone()
+        self._pending.append(({k: v for k, v in state.items() if k not in self.skip}, float(weight)))
         self.total += float(weight)
+        if len(self._pending) >= self.GROUP:
+            self._fold(final=False)
+
+    def _fold(self, final: bool) -> StateDict:
+        """Add the waiting states into the sums (``final``: and return the averages)."""
+        out: StateDict = {}
+        for name, (shape, dtype) in self._layout.items():
+            if name in self._first:
+                out[name] = self._first[name]
+                continue
+            terms = [(state[name].detach().reshape(-1), w) for state, w in self._pending]
+            n = terms[0][0].numel() if terms else self._acc[name].numel()
+            device = terms[0][0].device if terms else self._acc[name].device
+            acc = self._acc.get(name)
+            if acc is None and not final:
+                acc = self._acc[name] = torch.zeros(n, dtype=torch.float64, device=device)
+            result = torch.empty(n, dtype=dtype, device=device) if final else None
+            if self._block.numel() < min(n, AVERAGE_BLOCK) or self._block.device != device:
+                self._block = torch.empty(min(max(n, 1), AVERAGE_BLOCK), dtype=torch.float64, device=device)
+            for start in range(0, n, AVERAGE_BLOCK):
+                stop = min(start + AVERAGE_BLOCK, n)
+                block = self._block[: stop - start]
+                if acc is None:
+                    block.zero_()
+                else:
+                    block.copy_(acc[start:stop])
+                for term, w in terms:
+                    self._scratch.add_scaled(block, term[start:stop], w)
+                if final:
+                    result[start:stop].copy_(block.div_(self.total))  # type: ignore[index]
+                else:
+                    acc[start:stop].copy_(block)  # type: ignore[index]
+            if final:
+                out[name] = result.reshape(shape)  # type: ignore[union-attr]
+        self._pending = []
+        return out
 
     def result(self) -> StateDict:
         if self.total <= 0:
             raise ValueError("cannot average: the sites' weights sum to zero")
-        out: StateDict = {}
-        for name, (shape, dtype) in self._layout.items():
-            if name in self._acc:
-                out[name] = (self._acc[name] / self.total).to(dtype).reshape(shape)
-            else:
-                out[name] = self._first[name]
-        return out
+        return self._fold(final=True)
 
 
 def weighted_average(states: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
