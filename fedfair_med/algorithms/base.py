@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -119,17 +119,21 @@ class Float64Scratch:
     def __init__(self) -> None:
         self._block = torch.empty(0, dtype=torch.float64)
 
+    def blocks(self, n: int, device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, block)`` over ``range(n)`` in cache-sized pieces, one reused buffer."""
+        if self._block.numel() < min(n, AVERAGE_BLOCK) or self._block.device != device:
+            self._block = torch.empty(min(max(n, 1), AVERAGE_BLOCK), dtype=torch.float64,
+                                      device=device)
+        for start in range(0, n, AVERAGE_BLOCK):
+            stop = min(start + AVERAGE_BLOCK, n)
+            yield start, stop, self._block[: stop - start]
+
     def add_scaled(self, acc: torch.Tensor, term: torch.Tensor, alpha: float,
                    subtract: torch.Tensor | None = None) -> None:
         """``acc += alpha · (term − subtract)`` elementwise in float64 (``acc`` is float64, flat)."""
         flat, base = term.reshape(-1), (None if subtract is None else subtract.reshape(-1))
-        n = flat.numel()
-        if self._block.numel() < min(n, AVERAGE_BLOCK) or self._block.device != acc.device:
-            self._block = torch.empty(min(max(n, 1), AVERAGE_BLOCK), dtype=torch.float64,
-                                      device=acc.device)
-        for start in range(0, n, AVERAGE_BLOCK):
-            stop = min(start + AVERAGE_BLOCK, n)
-            block = self._block[: stop - start].copy_(flat[start:stop])
+        for start, stop, block in self.blocks(flat.numel(), acc.device):
+            block.copy_(flat[start:stop])
             if base is not None:
                 block.sub_(base[start:stop])
             # mul then add, each rounded once: ``add_(block, alpha=...)`` fuses them (FMA) in
@@ -152,24 +156,23 @@ class WeightedSum:
     #: states kept before they are folded into the running sum
     GROUP = 8
 
-    def __init__(self, skip: Iterable[str] = ()) -> None:
-        self.skip = set(skip)
+    def __init__(self) -> None:
         self.total = 0.0
         self._acc: dict[str, torch.Tensor] = {}  # flat float64 sums, once a window was folded
         self._layout: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._first: dict[str, torch.Tensor] = {}  # integer buffers: the first state's value
         self._pending: list[tuple[Mapping[str, torch.Tensor], float]] = []
-        self._block = torch.empty(0, dtype=torch.float64)
-        self._scratch = Float64Scratch()
+        self._sums = Float64Scratch()  # the block being accumulated
+        self._terms = Float64Scratch()  # each term widened into it
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         for name, value in state.items():
-            if name in self.skip or name in self._layout:
+            if name in self._layout:
                 continue
             self._layout[name] = (value.shape, value.dtype)
             if not torch.is_floating_point(value):
                 self._first[name] = value.detach().clone()
-        self._pending.append(({k: v for k, v in state.items() if k not in self.skip}, float(weight)))
+        self._pending.append((state, float(weight)))
         self.total += float(weight)
         if len(self._pending) >= self.GROUP:
             self._fold(final=False)
@@ -188,17 +191,13 @@ class WeightedSum:
             if acc is None and not final:
                 acc = self._acc[name] = torch.zeros(n, dtype=torch.float64, device=device)
             result = torch.empty(n, dtype=dtype, device=device) if final else None
-            if self._block.numel() < min(n, AVERAGE_BLOCK) or self._block.device != device:
-                self._block = torch.empty(min(max(n, 1), AVERAGE_BLOCK), dtype=torch.float64, device=device)
-            for start in range(0, n, AVERAGE_BLOCK):
-                stop = min(start + AVERAGE_BLOCK, n)
-                block = self._block[: stop - start]
+            for start, stop, block in self._sums.blocks(n, device):
                 if acc is None:
                     block.zero_()
                 else:
                     block.copy_(acc[start:stop])
                 for term, w in terms:
-                    self._scratch.add_scaled(block, term[start:stop], w)
+                    self._terms.add_scaled(block, term[start:stop], w)
                 if final:
                     result[start:stop].copy_(block.div_(self.total))  # type: ignore[index]
                 else:
@@ -242,6 +241,7 @@ class Aggregation:
         #: every site's update without its model state (num_samples and the small extras)
         self.received: dict[str, ClientUpdate] = {}
         self.average = WeightedSum()
+        self._scratch = Float64Scratch()
 
     def add(self, site: str, update: ClientUpdate) -> None:
         if site in self.received:
@@ -265,6 +265,23 @@ class Aggregation:
 
     def new_model(self) -> StateDict:
         return self.average.result()
+
+    def running_sum(self, sums: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """The flat float64 sum ``sums[name]`` shaped like global tensor ``name`` (zero at first)."""
+        if name not in sums:
+            sums[name] = torch.zeros(self.global_state[name].numel(), dtype=torch.float64)
+        return sums[name]
+
+    def add_to_sum(self, sums: dict[str, torch.Tensor], name: str, term: torch.Tensor,
+                   alpha: float, subtract: torch.Tensor | None = None) -> None:
+        """``sums[name] += alpha · (term − subtract)``, widened block by block."""
+        self._scratch.add_scaled(self.running_sum(sums, name), term, alpha, subtract=subtract)
+
+    def global_plus(self, name: str, total: torch.Tensor, divisor: float, factor: float) -> torch.Tensor:
+        """The global tensor ``name`` plus ``(total / divisor) · factor``, rounded to its dtype."""
+        x = self.global_state[name]
+        step = (total / divisor).mul_(factor).reshape(x.shape)
+        return (x.to(torch.float64) + step).to(x.dtype)
 
     def next_server_state(self) -> StateDict:
         """Server state after this round's own step, before :meth:`Algorithm.update_server_state`."""
@@ -290,8 +307,6 @@ class CollectingAggregation(Aggregation):
         if site in self.updates:
             raise ValueError(f"aggregation: site {site!r} sent two updates in one round")
         self.updates[site] = update
-        self.received[site] = ClientUpdate(state={}, num_samples=update.num_samples,
-                                           extras=dict(update.extras))
 
     def result(self) -> tuple[StateDict, StateDict]:
         if not self.updates:

@@ -108,20 +108,16 @@ class NovaAggregation(Aggregation):
         self.weighted_normaliser += weight * normaliser
         self.average.add({k: v for k, v in update.state.items() if k not in parameters}, weight)
         for name in parameters:
-            acc = self.moved.get(name)
-            if acc is None:
-                acc = self.moved[name] = torch.zeros(self.global_state[name].numel(),
-                                                     dtype=torch.float64)
-            if normaliser > 0.0:  # no local step: w_i = w_g, nothing to add
-                self.average._scratch.add_scaled(acc, update.state[name], weight / normaliser,
-                                                 subtract=self.global_state[name])
+            if normaliser > 0.0:
+                self.add_to_sum(self.moved, name, update.state[name], weight / normaliser,
+                                subtract=self.global_state[name])
+            else:  # no local step: w_i = w_g, nothing to add (the sum still exists)
+                self.running_sum(self.moved, name)
 
     def new_model(self) -> StateDict:
         new_state = self.average.result()
         total = self.average.total
         tau_eff = self.weighted_normaliser / total
         for name, moved in self.moved.items():
-            start = self.global_state[name]
-            step = (moved / total).mul_(tau_eff).reshape(start.shape)
-            new_state[name] = (start.to(torch.float64) + step).to(start.dtype)
+            new_state[name] = self.global_plus(name, moved, total, tau_eff)
         return new_state

@@ -157,30 +157,22 @@ class ScaffoldAggregation(Aggregation):
         self.moved: dict[str, torch.Tensor] = {}  # Σ n_i (y_i − x), flat float64
         self.delta_c: dict[str, torch.Tensor] = {}  # Σ Δc_i, flat float64
 
-    def _sum(self, sums: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        if name not in sums:
-            sums[name] = torch.zeros(self.global_state[name].numel(), dtype=torch.float64)
-        return sums[name]
-
     def fold(self, site: str, update: ClientUpdate, weight: float) -> None:
         parameters = {key[len(DELTA_C):] for key in update.extras if key.startswith(DELTA_C)}
         self.average.add({k: v for k, v in update.state.items() if k not in parameters}, weight)
-        scratch = self.average._scratch
         for name in sorted(parameters):
-            scratch.add_scaled(self._sum(self.moved, name), update.state[name], weight,
-                               subtract=self.global_state[name])
-            scratch.add_scaled(self._sum(self.delta_c, name), update.extras[DELTA_C + name], 1.0)
+            self.add_to_sum(self.moved, name, update.state[name], weight,
+                            subtract=self.global_state[name])
+            self.add_to_sum(self.delta_c, name, update.extras[DELTA_C + name], 1.0)
 
     def kept_extras(self, extras: StateDict) -> StateDict:
         return {k: v for k, v in extras.items() if not k.startswith(DELTA_C)}
 
     def new_model(self) -> StateDict:
         new_state = self.average.result()
-        total, server_lr = self.average.total, float(self.algorithm.params["server_lr"])
+        total, server_lr = self.average.total, self.algorithm.server_lr
         for name, moved in self.moved.items():
-            x = self.global_state[name]
-            step = (moved / total).mul_(server_lr).reshape(x.shape)
-            new_state[name] = (x.to(torch.float64) + step).to(x.dtype)
+            new_state[name] = self.global_plus(name, moved, total, server_lr)
         return new_state
 
     def next_server_state(self) -> StateDict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,7 +44,7 @@ from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
     TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
-    MODEL_BLOB, ModelLayout, expand_packed,
+    MODEL_BLOB, ModelLayout, RoundTiming, expand_packed,
 )
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
@@ -59,26 +58,6 @@ logger = logging.getLogger(__name__)
 
 
 Rows = Mapping[tuple[str, frozenset], np.ndarray]
-
-
-class RoundTiming:
-    """Seconds per phase of one OpenFL round, appended to ``$FEDFAIR_TIMING_LOG`` when it is set."""
-
-    def __init__(self, who: str, fl_round: int) -> None:
-        self.who, self.fl_round = who, int(fl_round)
-        self.phases: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.phases[phase] = round(now - self._last, 6)
-        self._last = now
-
-    def write(self) -> None:
-        path = os.environ.get("FEDFAIR_TIMING_LOG")
-        if path:
-            with open(path, "a") as fh:
-                fh.write(json.dumps({"site": self.who, "round": self.fl_round, **self.phases}) + "\n")
 
 
 def _round_rows(table: pd.DataFrame, fl_round: int, layout: ModelLayout) -> dict[tuple[str, frozenset], np.ndarray]:

@@ -40,7 +40,7 @@ from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EVALUATE, EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, STATISTICS,
     SUMMARY_PREFIX, SUMMARY_TAG, TRAIN, TRAINED_TAG, FederationSpec, summary_to_tables, to_numpy,
-    to_torch, unpack_state, MODEL_BLOB, PACKED, ModelLayout, pack_arrays, unpack_arrays,
+    to_torch, unpack_state, MODEL_BLOB, PACKED, ModelLayout, RoundTiming, pack_arrays, unpack_arrays,
 )
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
 from fedfair_med.runtime.memory import keep_freed_memory
@@ -96,8 +96,6 @@ class SiteTaskRunner(TaskRunner):
         self.progress = progress
         #: the site's bundle (its key-agreement key lives there under secure aggregation)
         self.bundle = Path(bundle) if bundle is not None else None
-        #: (task, round, tensor name, tags, shape, dtype) of everything this site sent
-        self.sent: list[tuple[str, int, str, tuple[str, ...], tuple[int, ...], str]] = []
 
     # ---- what OpenFL asks a task runner --------------------------------------------------
     def get_required_tensorkeys_for_function(self, func_name: str, **kwargs: Any) -> list[TensorKey]:
@@ -139,10 +137,7 @@ class SiteTaskRunner(TaskRunner):
         tensors: dict[tuple[str, str], np.ndarray] = {}
         for name, value in {**masked, **clear_state}.items():
             tensors[(name, TRAINED_TAG if state is not None and name in state else EXTRA_TAG)] = value
-        if state is None:
-            tensors.update(self._placeholders())
-        else:
-            tensors[(SERVER_STATE, TRAINED_TAG)] = np.zeros(0, dtype=np.uint8)
+        tensors.update(self._next_model_slot())
         for name, value in clear.items():
             tensors[(EXTRA_PREFIX + name, EXTRA_TAG)] = value
         tensors[(NUM_SAMPLES, EXTRA_TAG)] = np.array(num_samples, dtype=np.int64)
@@ -154,13 +149,10 @@ class SiteTaskRunner(TaskRunner):
         server-state placeholder when the task fills the next model's slot, and everything else
         packed into one (see protocol's "Names on the wire")."""
         tensors = {key: np.asarray(value) for key, value in tensors.items()}
-        for (name, tag), value in tensors.items():
-            self.sent.append((task, round_num, name, (tag,), tuple(value.shape), value.dtype.name))
         model = {name: v for (name, tag), v in tensors.items()
                  if tag == TRAINED_TAG and name in self.layout.names}
-        plain = len(model) == len(self.layout.names) and all(
-            v.size and v.dtype == dtype for (_, dtype, _), v in zip(self.layout.entries,
-                                                                    (model[n] for n in self.layout.names)))
+        plain = all(name in model and model[name].size and model[name].dtype == dtype
+                    for name, dtype, _ in self.layout.entries)  # else masked (uint64) or absent
         wire: dict[tuple[str, str], np.ndarray] = {}
         if (SERVER_STATE, TRAINED_TAG) in tensors:  # a task that fills the next model's slot
             wire[(MODEL_BLOB, TRAINED_TAG)] = self.layout.pack(model) if plain else np.zeros(0, np.uint8)
@@ -177,10 +169,11 @@ class SiteTaskRunner(TaskRunner):
         if self.progress is not None:
             self.progress(task, round_num, info)
 
-    def _placeholders(self) -> dict[tuple[str, str], np.ndarray]:
-        """Empty tensors under every model name: the server fills in the next model itself."""
-        empty = np.zeros(0, dtype=np.uint8)
-        return {(k, TRAINED_TAG): empty for k in [*self.model_keys, SERVER_STATE]}  # packed: 2 empties
+    @staticmethod
+    def _next_model_slot() -> dict[tuple[str, str], np.ndarray]:
+        """An empty server-state tensor: OpenFL then creates the next model's slot, which the
+        server fills in itself (``_outputs`` adds the model placeholder beside it)."""
+        return {(SERVER_STATE, TRAINED_TAG): np.zeros(0, dtype=np.uint8)}
 
     # ---- the three tasks ----------------------------------------------------------------
     def fedfair_train(self, col_name: str, round_num: int, input_tensor_dict: Mapping[str, np.ndarray],
@@ -192,9 +185,9 @@ class SiteTaskRunner(TaskRunner):
         if self.spec.secure_aggregation:
             self._notify(TRAIN, method_round, {"loss": float(update.extras["loss"])})
             return self._masked(TRAIN, col_name, round_num, update.state, update.num_samples, update.extras)
-        tensors: dict[tuple[str, str], np.ndarray] = {
-            (k, TRAINED_TAG): to_numpy(update.state[k]) for k in self.model_keys}
-        tensors[(SERVER_STATE, TRAINED_TAG)] = np.zeros(0, dtype=np.uint8)
+        # the model's tensors as they are: _outputs packs them into one copy
+        tensors: dict[tuple[str, str], Any] = {(k, TRAINED_TAG): update.state[k] for k in self.model_keys}
+        tensors.update(self._next_model_slot())
         for name, value in update.extras.items():
             tensors[(EXTRA_PREFIX + name, EXTRA_TAG)] = to_numpy(torch.as_tensor(value))
         tensors[(NUM_SAMPLES, EXTRA_TAG)] = np.array(update.num_samples, dtype=np.int64)
@@ -205,7 +198,7 @@ class SiteTaskRunner(TaskRunner):
                            input_tensor_dict: Mapping[str, np.ndarray], **kwargs: Any) -> tuple[dict, dict]:
         method_round = self.spec.schedule.statistics_round(round_num)
         global_state, server_state = self._inputs(input_tensor_dict)
-        tensors = self._placeholders()
+        tensors = self._next_model_slot()
         if self.algorithm.wants_statistics(method_round, server_state):
             stats = self.site_runner.statistics(self.algorithm, self.model, global_state, method_round)
             if self.spec.secure_aggregation:
@@ -238,21 +231,16 @@ class FedFairCollaborator(Collaborator):
         super().__init__(*args, **kwargs)
         self.poll_interval_s = float(poll_interval_s)
         self.wire_log: list[dict[str, Any]] = []
-        #: seconds per phase of the current OpenFL round (FEDFAIR_TIMING_LOG writes them out)
-        self._phases: dict[str, float] = {}
+        #: where this collaborator's time goes in the current OpenFL round (FEDFAIR_TIMING_LOG)
+        self._timing = RoundTiming(self.collaborator_name)
 
     def _add_time(self, phase: str, started: float) -> None:
-        self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - started
+        self._timing.add(phase, time.perf_counter() - started)
 
     def _flush_timing(self, round_num: int) -> None:
-        """One JSON line per round: where this collaborator's time went (benchmarks read it)."""
-        path = os.environ.get("FEDFAIR_TIMING_LOG")
-        if path and self._phases:
-            line = {"site": self.collaborator_name, "round": int(round_num),
-                    **{k: round(v, 6) for k, v in sorted(self._phases.items())}}
-            with open(path, "a") as fh:
-                fh.write(json.dumps(line) + "\n")
-        self._phases = {}
+        self._timing.fl_round = int(round_num)
+        self._timing.write()
+        self._timing = RoundTiming(self.collaborator_name)
 
     def get_data_for_tensorkey(self, tensor_key: Any) -> Any:
         started = time.perf_counter()
@@ -260,7 +248,7 @@ class FedFairCollaborator(Collaborator):
             return super().get_data_for_tensorkey(tensor_key)
         finally:
             self._add_time("fetch_s", started)
-            self._phases["fetched_tensors"] = self._phases.get("fetched_tensors", 0) + 1
+            self._timing.add("fetched_tensors", 1)
 
     def do_task(self, task: Any, round_number: int) -> dict:
         started = time.perf_counter()
