@@ -46,6 +46,8 @@ class RunConfig:
     runtime: str = "local"
     #: Differential privacy (see docs/privacy.md); empty = off, the run's numbers are unchanged.
     privacy: dict[str, Any] = field(default_factory=dict)
+    #: Evaluate every N rounds (the last round always): evaluation can cost more than training.
+    eval_every: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,7 +64,7 @@ class RunConfig:
             problems.append(f"task: unknown task {self.task!r}; choose one of {sorted(TASKS)}")
         if self.method not in REGISTRY:
             problems.append(f"method: unknown method {self.method!r}; choose one of {sorted(REGISTRY)}")
-        for key in ("rounds", "epochs", "batch_size", "max_steps"):
+        for key in ("rounds", "epochs", "batch_size", "max_steps", "eval_every"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 problems.append(f"{key}: must be a positive integer, got {value!r}")
@@ -110,7 +112,7 @@ class RunConfig:
                                 f"got {value!r}")
             elif kind is dict and not all(isinstance(k, str) for k in value):
                 problems.append(f"{key}: keys must be strings, got {sorted(map(repr, value))}")
-        for key in ("rounds", "epochs", "batch_size", "max_steps"):
+        for key in ("rounds", "epochs", "batch_size", "max_steps", "eval_every"):
             value = getattr(self, key)
             if value is not None and not integer(value):
                 problems.append(f"{key}: must be an integer, got {value!r}")
