@@ -8,8 +8,12 @@ from fedfair_med.fairness.metrics import (
     demographic_parity_gap,
     equal_accuracy_gap,
     equal_opportunity_gap,
+    expected_calibration_error,
+    group_calibration_error,
     group_means,
+    group_roc_auc,
     is_missing,
+    roc_auc,
 )
 from fedfair_med.fairness.tables import age_bands, bootstrap_ci, group_table, intersect
 
@@ -19,8 +23,12 @@ __all__ = [
     "demographic_parity_gap",
     "equal_accuracy_gap",
     "equal_opportunity_gap",
+    "expected_calibration_error",
+    "group_calibration_error",
     "group_means",
+    "group_roc_auc",
     "group_table",
     "intersect",
     "is_missing",
+    "roc_auc",
 ]

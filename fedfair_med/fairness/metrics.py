@@ -13,7 +13,14 @@ Each gap is the largest absolute distance between a group's mean and the pooled 
 where *m* is a per-sample metric (per-image Dice, or 1/0 correctness), *s* is the positive-class
 probability P(ŷ = 1 | x) (or, with ``threshold``, the decision 1[score ≥ threshold]) and the
 expectations are sample means. Because the pooled mean weights every sample equally, a site's
-term is the mean per-image Dice over that site's images, not a mean of site means.
+term is the mean per-image Dice over that site's images, not a mean of site means. For two
+groups of sizes n_a and n_b (n = n_a + n_b), D − D_a = (n_b/n)(D_b − D_a), so
+
+.. math::
+
+    \mathrm{EA} = \frac{\max(n_a, n_b)}{n}\,\big|D_a - D_b\big|
+
+which is half the difference only when the two sites are the same size.
 
 Missing sensitive values (``""``, ``None`` or NaN) are left out of both the group terms *and*
 the pooled mean, so the gap compares like with like: the groups partition exactly the samples
@@ -37,6 +44,10 @@ __all__ = [
     "equal_accuracy_gap",
     "demographic_parity_gap",
     "equal_opportunity_gap",
+    "roc_auc",
+    "expected_calibration_error",
+    "group_roc_auc",
+    "group_calibration_error",
 ]
 
 
@@ -193,3 +204,98 @@ def equal_opportunity_gap(
     if not positive.any():
         raise ValueError(f"no sample has y_true == {pos_label!r}; equal opportunity is undefined")
     return _max_gap_to_pooled(s[positive], features[positive])
+
+
+# ---- discrimination and calibration per group -------------------------------------------------
+# A DP or EO gap can be small because a model is equally *bad* for everyone (constant scores
+# give DP = 0). Per-group AUC and calibration error show whether the model still ranks and
+# means what it says inside each group, so a fairer-looking model cannot hide a worse one.
+def _binary_truth(y_true: Any, pos_label: Any, n: int) -> np.ndarray:
+    truth = _as_array(y_true, "y_true")
+    if len(truth) != n:
+        raise ValueError(f"length mismatch: {len(truth)} y_true but {n} scores")
+    return np.asarray(truth == pos_label, dtype=bool)
+
+
+def roc_auc(y_true: Any, y_score: Any, *, pos_label: Any = 1) -> float:
+    r"""Area under the ROC curve, the Mann–Whitney probability that a positive outranks a negative.
+
+    .. math::
+
+        \mathrm{AUC} = \frac{1}{n_+ n_-} \sum_{i: y_i = 1} \sum_{j: y_j = 0}
+        \Big(\mathbb{1}[s_i > s_j] + \tfrac12 \mathbb{1}[s_i = s_j]\Big)
+
+    computed from average ranks (ties count one half), as ``sklearn.metrics.roc_auc_score``.
+    Returns NaN when only one class is present (the AUC is undefined, not 0.5).
+    """
+    from scipy.stats import rankdata
+
+    scores = _as_float_array(y_score, "y_score")
+    if len(scores) == 0:
+        raise ValueError("y_score is empty")
+    positive = _binary_truth(y_true, pos_label, len(scores))
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)  # average ranks for ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def expected_calibration_error(y_true: Any, y_prob: Any, *, n_bins: int = 10, pos_label: Any = 1) -> float:
+    r"""Expected calibration error with ``n_bins`` equal-width probability bins.
+
+    .. math::
+
+        \mathrm{ECE} = \sum_{b=1}^{B} \frac{n_b}{n}\,\big|\,\bar y_b - \bar p_b\,\big|
+
+    where bin b holds the samples with p in ((b−1)/B, b/B] (the first bin includes 0: the bins
+    of ``sklearn.calibration.calibration_curve(strategy="uniform")``), ȳ_b is their share of
+    positives and p̄_b their mean predicted probability; empty bins add nothing.
+    0 for a perfectly calibrated model; a constant score equal to the base rate also gives 0,
+    which is why it is reported beside the AUC, never alone.
+    """
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    prob = _as_float_array(y_prob, "y_prob")
+    if len(prob) == 0:
+        raise ValueError("y_prob is empty")
+    if prob.min() < 0 or prob.max() > 1:
+        raise ValueError("y_prob must hold probabilities in [0, 1]")
+    positive = _binary_truth(y_true, pos_label, len(prob)).astype(np.float64)
+    bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], prob, side="left")
+    total = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        total += in_bin.sum() * abs(positive[in_bin].mean() - prob[in_bin].mean())
+    return float(total / len(prob))
+
+
+def _per_group(function: Any, y_true: Any, y_score: Any, sensitive_features: Any,
+               **kwargs: Any) -> dict[Hashable, float]:
+    scores = _as_float_array(y_score, "y_score")
+    truth = _as_array(y_true, "y_true")
+    if len(truth) != len(scores):
+        raise ValueError(f"length mismatch: {len(truth)} y_true but {len(scores)} y_score")
+    keys, known = _group_keys(sensitive_features, len(scores))
+    order = list(group_means(np.zeros(len(scores)), sensitive_features=sensitive_features))
+    out: dict[Hashable, float] = {}
+    for key in order:
+        members = known & np.fromiter((k == key for k in keys), dtype=bool, count=len(keys))
+        out[key] = function(truth[members], scores[members], **kwargs)
+    return out
+
+
+def group_roc_auc(y_true: Any, y_score: Any, *, sensitive_features: Any, pos_label: Any = 1) -> dict[Hashable, float]:
+    """{group: ROC AUC of the scores within the group}, NaN for a group holding one class only.
+
+    The per-group form of :func:`roc_auc` (fairlearn: ``MetricFrame(metrics=roc_auc_score,
+    ...).by_group``); samples with a missing sensitive feature belong to no group.
+    """
+    return _per_group(roc_auc, y_true, y_score, sensitive_features, pos_label=pos_label)
+
+
+def group_calibration_error(y_true: Any, y_prob: Any, *, sensitive_features: Any, n_bins: int = 10,
+                            pos_label: Any = 1) -> dict[Hashable, float]:
+    """{group: :func:`expected_calibration_error` over the group's samples} (bins as overall)."""
+    return _per_group(expected_calibration_error, y_true, y_prob, sensitive_features,
+                      n_bins=n_bins, pos_label=pos_label)
