@@ -72,6 +72,9 @@ def check(
     manifest: Path = typer.Argument(..., help="The site's manifest CSV."),
     task: TaskName = typer.Option(..., "--task", help="The task the site's data is for."),
     mask_threshold: int = typer.Option(127, help="8-bit mask values above this are foreground."),
+    audit: bool = typer.Option(False, "--audit",
+                               help="The manifest is only used to audit a model (report --model): "
+                                    "test rows suffice, no train rows needed."),
 ) -> None:
     """Open every file of a site manifest; print a summary, or every problem found (exit 1)."""
     console = _console()
@@ -79,7 +82,7 @@ def check(
     try:
         parsed, parse_problems = parse_manifest(manifest)
         result = check_manifest(parsed, task_kind=spec.kind, image_format=spec.image_format,
-                                mask_threshold=mask_threshold, classes=spec.classes)
+                                mask_threshold=mask_threshold, classes=spec.classes, audit=audit)
     except ManifestError as exc:
         _print_problems(console, f"{manifest}: cannot be read as a manifest", exc.problems, "bold red")
         raise typer.Exit(1) from None

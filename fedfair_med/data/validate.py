@@ -247,12 +247,13 @@ def _size(shape: tuple[int, ...]) -> str:
 # ---- per-row checks --------------------------------------------------------------------------
 class _Checker:
     def __init__(self, manifest: Manifest, task_kind: str, image_format: str, mask_threshold: int,
-                 classes: Mapping[str, int] | None) -> None:
+                 classes: Mapping[str, int] | None, audit: bool = False) -> None:
         if task_kind not in (SEGMENTATION, CLASSIFICATION):
             raise ValueError(f"task_kind must be {SEGMENTATION!r} or {CLASSIFICATION!r}, not {task_kind!r}")
         if image_format not in (FORMAT_2D, FORMAT_NIFTI):
             raise ValueError(f"image_format must be {FORMAT_2D!r} or {FORMAT_NIFTI!r}, not {image_format!r}")
         self.manifest = manifest
+        self.audit = audit
         self.file = str(manifest.path)
         self.kind = task_kind
         self.format = image_format
@@ -383,9 +384,13 @@ class _Checker:
                     _, error = normalise(row.attributes[name])
                     if error:
                         self.problem(row, name, error)
-        for split in ("train", "test"):
+        # An audit-only manifest (a hospital scoring a model it did not train) needs no train rows.
+        for split in ("test",) if self.audit else ("train", "test"):
             if not self.manifest.split(split):
-                self.problem(None, "split", f"the '{split}' split is empty; every site needs train and test rows")
+                self.problem(None, "split", f"the '{split}' split is empty; " + (
+                    "an audit scores the test rows" if self.audit
+                    else "every site needs train and test rows (--audit checks a manifest that "
+                         "is only audited)"))
 
     def run(self) -> CheckResult:
         self.recheck_rows()
@@ -430,12 +435,15 @@ def check_manifest(
     image_format: str,
     mask_threshold: int = 127,
     classes: Mapping[str, int] | None = None,
+    audit: bool = False,
 ) -> CheckResult:
     """Open every image, mask and region mask of a manifest and report each problem found.
 
     ``classes`` maps classification labels (lower case) to class indices; ``0``/``1`` by default.
+    ``audit``: the manifest is only scored (``fedfair-med report --model``), never trained on, so
+    it needs test rows but no train rows; every row is still checked the same way.
     """
-    return _Checker(manifest, task_kind, image_format, mask_threshold, classes).run()
+    return _Checker(manifest, task_kind, image_format, mask_threshold, classes, audit).run()
 
 
 def check_manifest_for_task(manifest: Manifest, task: str, *, mask_threshold: int = 127) -> CheckResult:

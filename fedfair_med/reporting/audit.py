@@ -26,7 +26,11 @@ from fedfair_med.fairness.metrics import (
     demographic_parity_gap,
     equal_accuracy_gap,
     equal_opportunity_gap,
+    expected_calibration_error,
+    group_calibration_error,
+    group_roc_auc,
     is_missing,
+    roc_auc,
 )
 from fedfair_med.fairness.tables import age_bands, bootstrap_ci, group_table, intersect
 
@@ -47,6 +51,9 @@ def gap_definition(name: str, primary_metric: str = "metric") -> str:
         return (f"EA = max over sites k of |mean({primary_metric} | site=k) - mean({primary_metric})|"
                 " (means over test samples)")
     kind, _, attribute = name.partition(":")
+    if kind == "ea":
+        return (f"EA = max over groups k of |mean({primary_metric} | {attribute}=k)"
+                f" - mean({primary_metric})| (means over test samples)")
     if kind == "dp":
         return (f"DP = max over groups k of |E[score | {attribute}=k] - E[score]|,"
                 " score = P(y=1|x)")
@@ -146,6 +153,7 @@ def build_report(
     min_group_size: int = 10,
     n_boot: int = 1000,
     seed: int = 0,
+    attribute_gaps: bool = False,
 ) -> dict[str, Any]:
     """The ``report.json`` content for one run's per-sample predictions.
 
@@ -155,6 +163,13 @@ def build_report(
     ``positive_rate`` (share with y_pred = 1) and ``mean_score`` (mean P(y=1|x), the quantity
     the DP gap compares). Samples missing an attribute are excluded from that attribute's groups
     and gaps (and any intersection using it) and reported in ``warnings``.
+
+    Classification reports also carry what a small DP/EO gap could hide — a model equally bad
+    for everyone: ``auc`` (ROC AUC of the score) and ``ece`` (expected calibration error, 10
+    bins) overall and per group, and ``decision_gaps``: DP and EO on the thresholded decisions
+    ``y_pred`` (the share predicted positive, and the true-positive rate). With
+    ``attribute_gaps`` (a model audit), ``gaps`` also holds ``ea:<attr>``, the EA gap of the
+    primary metric over each attribute's groups, not only over sites.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -199,7 +214,8 @@ def build_report(
                             n_boot=n_boot, seed=seed, min_group_size=min_group_size)
         if kind == "classification":
             extra_cols = {"positive_rate": _per_group_mean(y_pred, labels),
-                          "mean_score": _per_group_mean(score, labels)}
+                          "mean_score": _per_group_mean(score, labels),
+                          **_quality_columns(y_true, score, labels)}
         else:
             extra_cols = None
         return _rows(table, extra_cols)
@@ -219,6 +235,14 @@ def build_report(
             )
 
     gaps: dict[str, float] = {"ea": equal_accuracy_gap(metric, sensitive_features=sites)}
+    if attribute_gaps:
+        for name, labels in grouping.items():
+            try:
+                gaps[f"ea:{name}"] = equal_accuracy_gap(metric, sensitive_features=labels)
+            except ValueError as err:
+                gaps[f"ea:{name}"] = float("nan")
+                warnings.append(f"ea:{name} undefined: {err}")
+    decision_gaps: dict[str, float] = {}
     if kind == "classification":
         for name, labels in grouping.items():
             try:
@@ -231,12 +255,17 @@ def build_report(
             except ValueError as err:
                 gaps[f"eo:{name}"] = float("nan")
                 warnings.append(f"eo:{name} undefined: {err}")
+            decision_gaps.update(_decision_gaps(name, y_true, y_pred, labels))
 
     low, high = bootstrap_ci(metric, n_boot=n_boot, seed=seed)
+    overall: dict[str, Any] = {"n": n, "metric": float(metric.mean()), "ci95": [low, high]}
+    if kind == "classification":
+        overall["auc"] = roc_auc(y_true, score)
+        overall["ece"] = expected_calibration_error(y_true, score)
     report = {
         "primary_metric": primary_metric,
         "kind": kind,
-        "overall": {"n": n, "metric": float(metric.mean()), "ci95": [low, high]},
+        "overall": overall,
         "groups": groups,
         "gaps": gaps,
         "definitions": {name: gap_definition(name, primary_metric) for name in gaps},
@@ -250,4 +279,35 @@ def build_report(
             "ci_level": 0.95,
         },
     }
+    if kind == "classification":
+        report["decision_gaps"] = decision_gaps
     return json_safe(report)
+
+
+#: What ``decision_gaps`` measure, for the reports.
+DECISION_GAPS_DEFINITION = (
+    "on the decisions y_pred (score >= threshold), not the scores: DP = max over groups k of "
+    "|P(y_pred=1 | k) - P(y_pred=1)|; EO = the same over samples with y=1 (true-positive rates)")
+
+
+def _quality_columns(y_true: np.ndarray, score: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per-group ROC AUC and calibration error (NaN where a group holds one class only)."""
+    known = np.array([label != MISSING for label in labels])
+    if not known.any():
+        return {"auc": {}, "ece": {}}
+    kept = [label for label in labels if label != MISSING]
+    auc = group_roc_auc(y_true[known], score[known], sensitive_features=kept)
+    ece = group_calibration_error(y_true[known], score[known], sensitive_features=kept)
+    return {"auc": {str(k): v for k, v in auc.items()}, "ece": {str(k): v for k, v in ece.items()}}
+
+
+def _decision_gaps(name: str, y_true: np.ndarray, y_pred: np.ndarray,
+                   labels: Sequence[str]) -> dict[str, float]:
+    """``dp:<name>`` and ``eo:<name>`` on the 0/1 decisions (NaN where undefined)."""
+    out: dict[str, float] = {}
+    for key, function in (("dp", demographic_parity_gap), ("eo", equal_opportunity_gap)):
+        try:
+            out[f"{key}:{name}"] = function(y_true, y_pred, sensitive_features=labels)
+        except ValueError:
+            out[f"{key}:{name}"] = float("nan")  # the score gap already warned about it
+    return out

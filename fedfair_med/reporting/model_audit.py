@@ -266,6 +266,8 @@ def audit_model(
 
     Groups are the site, each attribute (``age`` banded at ``age_edges``) and each pair of
     attributes; groups under ``min_group_size`` stay in the report, flagged and warned about.
+    Besides EA over sites, ``gaps`` holds ``ea:<attr>`` for every audited attribute (and DP/EO
+    for classification).
     Files land in ``out_dir`` (default ``audit-<manifest stem>``): ``predictions.csv``,
     ``report.json``, ``report.md``, ``report.html``.
     """
@@ -299,6 +301,7 @@ def audit_model(
         predictions, kind=audited_task.kind, attributes=chosen,
         primary_metric=audited_task.primary_metric, age_edges=edges,
         min_group_size=min_group_size, n_boot=n_boot, seed=seed,
+        attribute_gaps=True,  # a one-site audit's site gap is 0: the attributes are the question
     )
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(manifest)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fedfair_med.reporting.audit import CORE_COLUMNS, build_report
+from fedfair_med.reporting.audit import CORE_COLUMNS, DECISION_GAPS_DEFINITION, build_report
 
 __all__ = [
     "RunDirectoryError",
@@ -348,11 +348,13 @@ def render_markdown(
     definitions = report.get("definitions", {})
     for name, value in report["gaps"].items():
         lines.append(f"| `{_md(name)}` | {_fmt(value)} | {_md(definitions.get(name, ''))} |")
+    if classification:
+        lines += _decision_lines(report)
     head = f"| attribute | group | n | {metric_name} | 95% CI |"
     rule = "|---|---|---:|---:|---:|"
     if classification:
-        head += " positive rate | mean score |"
-        rule += "---:|---:|"
+        head += " positive rate | mean score | AUC | ECE |"
+        rule += "---:|---:|---:|---:|"
     lines += ["", "## Per-group results", "", head, rule]
     for row in report["groups"]:
         flag = " (small)" if row.get("small") else ""
@@ -360,7 +362,8 @@ def render_markdown(
                 f" | {_fmt(row['metric'])}"
                 f" | {_ci(row.get('ci95'))} |")
         if classification:
-            line += f" {_fmt(row.get('positive_rate'))} | {_fmt(row.get('mean_score'))} |"
+            line += (f" {_fmt(row.get('positive_rate'))} | {_fmt(row.get('mean_score'))} |"
+                     f" {_fmt(row.get('auc'))} | {_fmt(row.get('ece'))} |")
         lines.append(line)
     if rounds:
         columns = _round_columns(rounds)
@@ -376,6 +379,19 @@ def render_markdown(
         lines += ["", "## Run configuration", "", "```yaml",
                   yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _decision_lines(report: Mapping[str, Any]) -> list[str]:
+    """Classification: AUC, calibration and the gaps on decisions, beside the score gaps."""
+    overall = report["overall"]
+    lines = ["", "## Discrimination, calibration and decisions", "",
+             "A small gap on scores can hide a model that is equally poor for everyone; read it "
+             "with these.", "", "| ROC AUC | ECE (10 bins) |", "|---:|---:|",
+             f"| {_fmt(overall.get('auc'))} | {_fmt(overall.get('ece'))} |", "",
+             f"Gaps {_md(DECISION_GAPS_DEFINITION)}:", "", "| decision gap | value |", "|---|---:|"]
+    for name, value in (report.get("decision_gaps") or {}).items():
+        lines.append(f"| {_md(name)} | {_fmt(value)} |")
+    return lines
 
 
 def _environment() -> Any:
@@ -413,6 +429,8 @@ def render_html(
         overall=report["overall"],
         gaps=[{"name": k, "value": v, "definition": definitions.get(k, "")}
               for k, v in report["gaps"].items()],
+        decision_gaps=list((report.get("decision_gaps") or {}).items()),
+        decision_definition=DECISION_GAPS_DEFINITION,
         groups=groups,
         min_group_size=(report.get("settings") or {}).get("min_group_size", 10),
         group_charts=charts,
@@ -450,6 +468,11 @@ def print_summary(report: Mapping[str, Any], console: Any) -> None:
     gaps.add_column("value", justify="right")
     for name, value in report["gaps"].items():
         gaps.add_row(Text(name), _fmt(value))
+    for name, value in (report.get("decision_gaps") or {}).items():
+        gaps.add_row(Text(f"{name} (decisions)"), _fmt(value))
     console.print(gaps)
+    if "auc" in overall:
+        console.print(f"ROC AUC {_fmt(overall['auc'])}, calibration error (ECE) "
+                      f"{_fmt(overall.get('ece'))}", markup=False)
     for warning in report.get("warnings", []):
         console.print(Text.assemble(("warning: ", "yellow"), str(warning)))
