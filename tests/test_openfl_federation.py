@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import typer
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from fedfair_med.cli.federation_commands import register
 from fedfair_med.config import RunConfig
+from fedfair_med.fairness.bootstrap import DEFAULT_REPLICATES, poisson_bootstrap
 from fedfair_med.runtime.local import run_simulation
 from fedfair_med.runtime.openfl.protocol import (
     EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state, summary_to_tables,
@@ -171,6 +173,7 @@ def assert_wire_is_clean(wire_log: Path, ws: Path) -> None:
     entries = [e for e in logged if e["kind"] == "content"]
     assert {e["site"] for e in entries} == set(SITES)
     sample_counts = {12, 6}  # quarter-size train / test sets: a per-sample vector would show it
+    final_round = max(e["round"] for e in entries)
     shapes_by_name: dict[str, set] = {}
     for e in entries:
         shapes_by_name.setdefault(e["name"], set()).add(tuple(e["shape"]))
@@ -180,6 +183,9 @@ def assert_wire_is_clean(wire_log: Path, ws: Path) -> None:
             assert e["shape"] == [0], e
         elif e["name"].startswith("summary/"):
             assert e["task"] == EVALUATE and e["shape"][-1] == 5 and len(e["shape"]) <= 2, e
+        elif e["name"].startswith("bootstrap/"):  # B replicates of fixed-size tables, once
+            assert e["task"] == EVALUATE and e["round"] == final_round, e
+            assert e["shape"][0] == DEFAULT_REPLICATES and e["shape"][-1] == 5 and len(e["shape"]) <= 3, e
         else:
             assert e["name"].startswith("extra/"), e
             assert sum(e["shape"]) <= 8 and not set(e["shape"]) & sample_counts, e
@@ -324,6 +330,9 @@ def test_fedavg_federation_equals_simulation_refuses_foreign_ca_and_sends_only_a
         shutil.copytree(ws / "bundles/site-c", impostor)
         shutil.copyfile(other / "certified/col_site-c.crt", impostor / "cert/client/col_site-c.crt")
         shutil.copyfile(other / "bundles/site-c/cert/client/col_site-c.key", impostor / "cert/client/col_site-c.key")
+        # (with its own CA chain too: a foreign certificate under this bundle's chain is refused
+        # locally, before connecting — see test_federation_errors.py)
+        shutil.copyfile(other / "cert/cert_chain.crt", impostor / "cert/cert_chain.crt")
         result = cli("collaborator", "start", impostor, "--name", "site-c", "--connect-timeout", 3)
         assert result.exit_code == 1 and "aggregator" in result.output, result.output
         for site in SITES:
@@ -340,12 +349,41 @@ def test_fedavg_federation_equals_simulation_refuses_foreign_ca_and_sends_only_a
     assert all("dropped" not in r for r in read_metrics(run))
     assert_same_numbers(ws, tmp_path)
     assert_wire_is_clean(tmp_path / "wire.jsonl", ws)
+    assert_report_has_the_pooled_poisson_bootstrap(ws)
+
+
+def assert_report_has_the_pooled_poisson_bootstrap(ws: Path) -> None:
+    """report.json's CIs are exactly the in-process Poisson bootstrap of the pooled predictions,
+    drawn with each site's secret stream (which only the sites hold)."""
+    plan = yaml.safe_load((ws / "plan/plan.yaml").read_text())
+    spec = plan["fedfair"]["settings"]["spec"]
+    pooled = pd.concat([pd.read_csv(ws / "bundles" / s / "run/predictions.csv", dtype={"id": str},
+                                    engine="python")  # exact float parsing
+                        for s in SITES], ignore_index=True)
+    secrets = {s: (ws / "bundles" / s / "run/bootstrap.secret").read_text().strip() for s in SITES}
+    assert len(set(secrets.values())) == len(SITES)
+    expected = poisson_bootstrap(pooled, spec["vocabularies"], seed=spec["run"]["seed"],
+                                 secrets=secrets, classification=False)
+    report = json.loads((ws / "run/report.json").read_text())
+    assert report["settings"]["n_boot"] == DEFAULT_REPLICATES
+    assert report["overall"]["ci95"] == expected["overall"]
+    low, high = report["overall"]["ci95"]
+    assert low < report["overall"]["metric"] < high
+    rows = {(g["attribute"], g["group"]): g["ci95"] for g in report["groups"]}
+    for site in SITES:
+        assert rows[("site", site)] == expected["sites"][site]
+    for attribute, groups in expected["groups"].items():
+        for group, interval in groups.items():
+            if attribute != "site":
+                assert rows[(attribute, group)] == interval
+    assert report["gaps_ci95"] == expected["gaps"] and set(report["gaps_ci95"]) == set(report["gaps"])
 
 
 def test_flexfair_federation_equals_simulation(tmp_path: Path) -> None:
     ws = make_federation(tmp_path, "flexfair-ea", {**TINY, "method_params": {"lam": 2.0}})
     run_federation(tmp_path, ws)
     assert_same_numbers(ws, tmp_path)
+    assert_report_has_the_pooled_poisson_bootstrap(ws)
     wire = [json.loads(line) for line in (tmp_path / "wire.jsonl").read_text().splitlines()]
     sums = [e for e in wire if e["name"] == "extra/flexfair.sums"]
     assert sums and all(e["shape"] == [len(SITES)] for e in sums)  # one sum per group, no more

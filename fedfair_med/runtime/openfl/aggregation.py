@@ -40,11 +40,12 @@ from openfl.interface.aggregation_functions.core.interface import AggregationFun
 from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.algorithms.base import ClientUpdate, StateDict
 from fedfair_med.fairness.aggregate import combine_summaries
+from fedfair_med.fairness.bootstrap import BootstrapPrivacy, combine_replicates
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
     TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
-    MODEL_BLOB, ModelLayout, RoundTiming, expand_packed,
+    MODEL_BLOB, ModelLayout, RoundTiming, expand_packed, BOOTSTRAP_PREFIX, bootstrap_replicates,
 )
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
@@ -184,6 +185,8 @@ class FedFairAggregator(Aggregator):
         super().__init__(*args, **kwargs)
         keep_freed_memory()
         self.spec = FederationSpec.from_settings(spec)
+        self.spec_settings = dict(spec)
+        self._bootstrap: dict[str, Any] | None = None
         self.config = self.spec.config()
         self.classification = build_task(self.config.task).kind == CLASSIFICATION
         self.layout = ModelLayout(build_global_model(self.config, build_task(self.config.task)).state_dict())
@@ -246,6 +249,8 @@ class FedFairAggregator(Aggregator):
             return
         summaries = {s: tables_to_summary(site_tensors(rows, SUMMARY_TAG, s, SUMMARY_PREFIX),
                                           self.spec.vocabularies) for s in done}
+        if evaluated == schedule.rounds:
+            self._bootstrap = self._combine_bootstrap(rows, done)
         record: dict[str, Any] = {
             "round": evaluated,
             "elapsed_s": round(time.perf_counter() - self._started, 3),
@@ -261,6 +266,22 @@ class FedFairAggregator(Aggregator):
         self._last_record = record
         logger.info("round %d: metric %.4f", evaluated, record["metric"])
 
+    def _combine_bootstrap(self, rows: Rows, done: list[str]) -> dict[str, Any] | None:
+        """CIs from the sites' Poisson-bootstrap tables (fairness/bootstrap.py); None if none came."""
+        tables = {s: site_tensors(rows, SUMMARY_TAG, s, BOOTSTRAP_PREFIX) for s in done}
+        tables = {s: t for s, t in tables.items() if t}
+        if not tables:
+            return None
+        accounting = BootstrapPrivacy.accounting(
+            self.config.privacy, replicates=bootstrap_replicates(self.spec_settings),
+            attributes=len(self.spec.vocabularies))
+        out = combine_replicates(tables, self.spec.vocabularies, classification=self.classification,
+                                 noisy=accounting is not None)
+        out["seed"] = self.config.seed
+        if accounting is not None:
+            out["privacy"] = accounting
+        return out
+
     def _finish(self, final_model: Mapping[str, np.ndarray]) -> None:
         self.rundir.save_model({k: to_torch(v) for k, v in final_model.items()})
         self.rundir.write_json("federation.json", {
@@ -270,7 +291,8 @@ class FedFairAggregator(Aggregator):
         })
         if self._last_record is not None:
             self.rundir.write_json("report.json", federated_report(self._last_record, self.config,
-                                                                   self.spec.sites))
+                                                                   self.spec.sites,
+                                                                   bootstrap=self._bootstrap))
         try:
             from fedfair_med.reporting.render import write_reports
 
@@ -333,37 +355,61 @@ class FedFairAggregator(Aggregator):
 
 
 def federated_report(record: Mapping[str, Any], config: Any, sites: list[str],
-                     min_group_size: int = 10) -> dict[str, Any]:
+                     min_group_size: int = 10, bootstrap: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``report.json`` from the final round's combined summaries.
 
-    Same keys as the simulation's report; without confidence intervals, which need per-sample
-    values that never leave a site.
+    Same keys as the simulation's report. The 95 % intervals (``ci95``, and ``gaps_ci95`` for the
+    gaps) come from the sites' Poisson-bootstrap tables (:mod:`fedfair_med.fairness.bootstrap`);
+    without them (``bootstrap`` None) they are null.
     """
     task = build_task(config.task)
-    groups = [{"attribute": "site", "group": s, "n": v["n"], "metric": v["metric"], "ci95": [None, None],
+    boot = bootstrap or {}
+    none = [None, None]
+
+    def ci(attribute: str, group: str) -> list:
+        if attribute == "site" and group in boot.get("sites", {}):
+            return list(boot["sites"][group])
+        return list(boot.get("groups", {}).get(attribute, {}).get(group, none))
+
+    groups = [{"attribute": "site", "group": s, "n": v["n"], "metric": v["metric"], "ci95": ci("site", s),
                "small": v["n"] < min_group_size} for s, v in record["sites"].items()]
     for attribute, table in record["groups"].items():
         if attribute == "site":
             continue
         for group, v in table.items():
             groups.append({"attribute": attribute, "group": group, "n": v["n"], "metric": v["metric"],
-                           "ci95": [None, None], "small": v["n"] < min_group_size})
-    warnings = ["federated run: metrics come from per-site aggregate summaries; no bootstrap "
-                "confidence intervals (per-sample predictions stay at each site)"]
+                           "ci95": ci(attribute, group), "small": v["n"] < min_group_size})
+    if bootstrap is None:
+        warnings = ["federated run: metrics come from per-site aggregate summaries; no bootstrap "
+                    "confidence intervals (no site sent its Poisson-bootstrap tables)"]
+    else:
+        warnings = [f"federated run: confidence intervals from a Poisson bootstrap ({boot['replicates']} "
+                    "replicates) whose weighted sums each site computed from its own predictions"]
+        if boot.get("privacy"):
+            warnings.append(f"the bootstrap tables are differentially private (epsilon "
+                            f"{boot['privacy']['epsilon']:.3g}, delta {boot['privacy']['delta']:.3g}); "
+                            "their noise widens every interval")
     warnings += [f"{g['attribute']}={g['group']} has only {g['n']} samples (< {min_group_size})"
                  for g in groups if g["small"]]
     if record.get("dropped"):
         warnings.append(f"site(s) {', '.join(record['dropped'])} dropped out of the final round")
-    return {
+    settings: dict[str, Any] = {"sites": sites, "min_group_size": min_group_size, "source": "openfl"}
+    if bootstrap is not None:
+        settings.update(n_boot=boot["replicates"], seed=boot.get("seed"), ci_level=boot["level"],
+                        ci_method="poisson bootstrap, summed over sites")
+        if boot.get("privacy"):
+            settings["bootstrap_privacy"] = dict(boot["privacy"])
+    return json_safe({
         "primary_metric": task.primary_metric,
         "kind": task.kind,
-        "overall": {"n": record["n"], "metric": record["metric"], "ci95": [None, None]},
+        "overall": {"n": record["n"], "metric": record["metric"], "ci95": list(boot.get("overall", none))},
         "groups": groups,
         "gaps": record["gaps"],
+        "gaps_ci95": {k: list(boot.get("gaps", {}).get(k, none)) for k in record["gaps"]},
         "definitions": {},
         "warnings": warnings,
-        "settings": {"sites": sites, "min_group_size": min_group_size, "source": "openfl"},
-    }
+        "settings": settings,
+    })
 
 
 def dropped_sites(run_dir: Path) -> dict[str, list[str]]:

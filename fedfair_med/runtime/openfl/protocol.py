@@ -47,6 +47,8 @@ NUM_SAMPLES = "extra/__num_samples__"
 MODEL_TAG, TRAINED_TAG, EXTRA_TAG, SUMMARY_TAG = "model", "trained", "fedfair_extra", "fedfair_summary"
 MODEL_BLOB = "fedfair.model"  # the model state, raw bytes in ModelLayout order
 PACKED = "fedfair.packed"  # + ":<task>": everything else a site sends in a task (pack_arrays)
+#: A site's Poisson-bootstrap tables, sent once with the final evaluation (fairness/bootstrap.py).
+BOOTSTRAP_PREFIX = "bootstrap/"
 #: The columns of a summary table row, in the order :func:`site_summary` accumulates them.
 SUMMARY_FIELDS = ("n", "metric", "score", "n_pos", "score_pos")
 
@@ -255,6 +257,13 @@ def tables_to_summary(tables: Mapping[str, np.ndarray], vocabularies: Mapping[st
         if rows:
             groups[attribute] = rows
     return {"overall": overall, "groups": groups}
+
+
+def bootstrap_replicates(spec: Mapping[str, Any]) -> int:
+    """B, the plan's number of Poisson-bootstrap replicates (``bootstrap_replicates``, default 1000)."""
+    from fedfair_med.fairness.bootstrap import DEFAULT_REPLICATES
+
+    return int(spec.get("bootstrap_replicates", DEFAULT_REPLICATES))
 
 
 # ---- phases --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from fedfair_med.runtime.openfl.protocol import (
     EVALUATE, EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, STATISTICS,
     SUMMARY_PREFIX, SUMMARY_TAG, TRAIN, TRAINED_TAG, FederationSpec, summary_to_tables, to_numpy,
     to_torch, unpack_state, MODEL_BLOB, PACKED, ModelLayout, RoundTiming, pack_arrays, unpack_arrays,
+    BOOTSTRAP_PREFIX, bootstrap_replicates,
 )
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
 from fedfair_med.runtime.memory import keep_freed_memory
@@ -218,10 +219,32 @@ class SiteTaskRunner(TaskRunner):
         predictions.to_csv(self.out_dir / "predictions.csv", index=False)  # stays at the site
         tables = summary_to_tables(summary, self.spec.vocabularies)
         tensors = {(SUMMARY_PREFIX + name, SUMMARY_TAG): table for name, table in tables.items()}
+        if method_round == self.spec.schedule.rounds:  # once, after the final evaluation
+            tensors.update(self._bootstrap_tables(predictions))
         overall = summary["overall"]
         self._notify(EVALUATE, method_round,
                      {"metric": overall["metric"] / overall["n"] if overall["n"] else float("nan")})
         return self._outputs(EVALUATE, col_name, round_num, tensors)
+
+
+    def _bootstrap_tables(self, predictions: Any) -> dict[tuple[str, str], np.ndarray]:
+        """This site's Poisson-bootstrap tables (fairness/bootstrap.py), [B, ..., 5] per table.
+
+        The weights' stream is keyed by the plan's seed, the site's name and a secret kept in
+        ``bootstrap.secret`` beside ``predictions.csv``, so the server cannot regenerate them."""
+        import secrets as _secrets
+
+        from fedfair_med.fairness.bootstrap import BootstrapPrivacy, site_replicates
+
+        secret_file = self.out_dir / "bootstrap.secret"
+        if not secret_file.exists():
+            secret_file.write_text(_secrets.token_hex(32))
+        site = self.site_runner.name
+        tables = site_replicates(
+            predictions, self.spec.vocabularies, site=site, seed=self.config.seed,
+            replicates=bootstrap_replicates(self.spec_settings), secret=secret_file.read_text().strip(),
+            privacy=BootstrapPrivacy.from_option(self.config.privacy, seed=self.config.seed, site=site))
+        return {(BOOTSTRAP_PREFIX + name, SUMMARY_TAG): table for name, table in tables.items()}
 
 
 class FedFairCollaborator(Collaborator):
