@@ -1,4 +1,8 @@
-"""``fedfair-med sweep FILE``: methods × grid × seeds, resumable, with a progress bar over runs."""
+"""``fedfair-med sweep FILE``: methods × grid × seeds, resumable, with a progress bar over runs.
+
+Also ``fedfair-med results collect|render``: the committed run summaries of a study and the
+results page generated from them (:mod:`fedfair_med.experiments.results`).
+"""
 
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ def result_table(path: Path) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    """Attach the ``sweep`` command to ``app``."""
+    """Attach the ``sweep`` command and the ``results`` group to ``app``."""
+    register_results(app)
 
     @app.command("sweep")
     def sweep(
@@ -101,6 +106,10 @@ def register(app: typer.Typer) -> None:
                                      help="Runs at once, each in its own process (1 torch thread)."),
         dry_run: bool = typer.Option(False, "--dry-run",
                                      help="Print the plan and how much is already done; run nothing."),
+        results: Optional[Path] = typer.Option(
+            None, "--results",
+            help="Committed summaries folder (e.g. results/NAME): each finished run's run.yaml, "
+                 "metrics.jsonl and report.json go there; runs with a summary are not rerun."),
     ) -> None:
         """Run a sweep (methods × grid × seeds); finished runs are skipped, so it resumes."""
         from fedfair_med.experiments.sweep import SweepError, load_sweep, plan_status, run_sweep
@@ -110,7 +119,7 @@ def register(app: typer.Typer) -> None:
         except SweepError as err:
             _fail(str(err))
         target = out or Path("runs") / "sweeps" / plan.name
-        status = plan_status(plan, target)
+        status = plan_status(plan, target, results)
         if dry_run:
             console.print(plan_table(plan, target))
             # typer.echo, not Rich: a long path must not wrap the summary over two lines.
@@ -121,7 +130,7 @@ def register(app: typer.Typer) -> None:
                       TimeElapsedColumn(), console=console) as progress:
             try:
                 result = run_sweep(plan, target, parallel=parallel,
-                                   progress=RichSweepProgress(progress))
+                                   progress=RichSweepProgress(progress), results=results)
             except SweepError as err:
                 _fail(str(err))
         typer.echo(f"ran {len(result.executed)} run(s), skipped {len(result.skipped)} "
@@ -130,3 +139,58 @@ def register(app: typer.Typer) -> None:
         typer.echo(result.outputs["table.md"].read_text().splitlines()[0])
         for name, path in result.outputs.items():
             typer.echo(f"{name}: {path}")
+
+
+def register_results(app: typer.Typer) -> None:
+    """Attach the ``results`` command group (collect, render) to ``app``."""
+    results_app = typer.Typer(help="Committed run summaries and the results page made from them.",
+                              no_args_is_help=True)
+
+    @results_app.command("collect")
+    def collect(
+        out: Path = typer.Argument(..., help="A sweep's output folder (holds sweep.yaml and runs/)."),
+        into: Path = typer.Option(..., "--into", help="The study's results folder, e.g. results/NAME."),
+    ) -> None:
+        """Copy every finished run's summary (run.yaml, metrics.jsonl, report.json) into --into."""
+        from fedfair_med.experiments.results import collect as collect_summaries
+        from fedfair_med.experiments.sweep import SweepError
+
+        try:
+            written = collect_summaries(out, into)
+        except SweepError as err:
+            _fail(str(err))
+        typer.echo(f"{len(written)} run summaries in {into}")
+
+    @results_app.command("render")
+    def render(
+        root: Path = typer.Argument(Path("results"), help="Folder of studies (each with sweep.yaml)."),
+        doc: Path = typer.Option(Path("docs/results.md"), "--doc",
+                                 help="Page whose generated block is rewritten."),
+        plots: Optional[Path] = typer.Option(
+            None, "--plots", help="Folder for the Pareto plots (default: results/ beside the page, "
+                                  "subfolder generated)."),
+        check: bool = typer.Option(False, "--check",
+                                   help="Write nothing; exit 1 if the page is not what render makes."),
+    ) -> None:
+        """Regenerate the marked block of the results page (and its plots) from the summaries."""
+        import os
+
+        from fedfair_med.experiments.results import render_section, split_doc, update_doc
+        from fedfair_med.experiments.sweep import SweepError
+
+        plots_dir = plots or doc.parent / "results" / "generated"
+        link = os.path.relpath(plots_dir, doc.parent).replace(os.sep, "/")
+        try:
+            if check:
+                section = render_section(root, plots_link=link)
+                if split_doc(doc.read_text())[1] != section:
+                    _fail(f"{doc} differs from what `fedfair-med results render` makes; rerun it")
+                typer.echo(f"{doc} is up to date")
+                return
+            section = render_section(root, plots=plots_dir, plots_link=link)
+            changed = update_doc(doc, section)
+        except (SweepError, OSError) as err:
+            _fail(str(err))
+        typer.echo(f"{doc}: {'rewritten' if changed else 'unchanged'}; plots in {plots_dir}")
+
+    app.add_typer(results_app, name="results")

@@ -262,11 +262,14 @@ def plot_pareto(fronts: pd.DataFrame, path: Path, metric_name: str, gap: str, n_
 
 
 # ---- everything at once --------------------------------------------------------------------------
-def write_outputs(sweep: Sweep, out: str | Path) -> dict[str, Path]:
-    """runs.csv, pareto.csv/png, table.csv/md in ``out``; returns their paths by name."""
+def write_outputs(sweep: Sweep, out: str | Path, source: str | Path | None = None) -> dict[str, Path]:
+    """runs.csv, pareto.csv/png, table.csv/md in ``out``; returns their paths by name.
+
+    The runs are read from ``source`` (a results folder of summaries) when given, else ``out``.
+    """
     out = Path(out)
     gap = sweep.selection.gap
-    runs = load_runs(sweep, out)
+    runs = load_runs(sweep, source if source is not None else out)
     paths = {"runs.csv": out / "runs.csv"}
     runs.to_csv(paths["runs.csv"], index=False)
     metric_name = str(runs["metric_name"].iloc[0])

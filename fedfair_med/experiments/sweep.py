@@ -23,6 +23,12 @@ Run ``(label, point, seed)`` lives in ``OUT/runs/<label>/<param=value,...>/seed-
 Resuming: a run is finished when its directory holds a ``report.json`` that parses. A run is
 written into ``seed-<s>.partial/`` and renamed into place only when it has finished, so a
 killed sweep leaves no directory that looks finished; anything unfinished is redone.
+
+With ``results`` (a committed folder, :mod:`fedfair_med.experiments.results`), every finished
+run's summary (run.yaml, metrics.jsonl, report.json) is copied to
+``results/runs/<label>/<point>/seed-<s>/`` as it finishes, a run whose summary is there counts
+as finished even when its run directory is gone (a new machine), and the comparison is computed
+from the summaries.
 """
 
 from __future__ import annotations
@@ -349,7 +355,10 @@ def _normalised(config: RunConfig) -> dict[str, Any]:
 
 
 def stale_runs(sweep: Sweep, out: Path) -> list[PlannedRun]:
-    """Finished runs whose run.yaml differs from what the sweep file now asks for."""
+    """Finished runs whose run.yaml differs from what the sweep file now asks for.
+
+    ``out`` is a sweep output folder or a results folder (the same layout below it).
+    """
     stale = []
     for run in sweep.runs:
         path = run.path(out)
@@ -373,8 +382,12 @@ class PlanStatus:
     to_run: list[PlannedRun]
 
 
-def plan_status(sweep: Sweep, out: Path) -> PlanStatus:
-    finished = [r for r in sweep.runs if is_finished(r.path(out))]
+def plan_status(sweep: Sweep, out: Path, results: Path | None = None) -> PlanStatus:
+    """Which runs are finished (in ``out``, or with a summary in ``results``) and which remain."""
+    def done(run: PlannedRun) -> bool:
+        return is_finished(run.path(out)) or (results is not None and is_finished(run.path(results)))
+
+    finished = [r for r in sweep.runs if done(r)]
     done = {r.relpath for r in finished}
     return PlanStatus(len(sweep.runs), finished, [r for r in sweep.runs if r.relpath not in done])
 
@@ -432,28 +445,49 @@ class SweepResult:
 
 
 def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
-              progress: SweepProgress | None = None, analyse: bool = True) -> SweepResult:
+              progress: SweepProgress | None = None, analyse: bool = True,
+              results: str | Path | None = None) -> SweepResult:
     """Run every unfinished run of ``sweep`` into ``out``, then write the comparison outputs.
 
     Runs are independent, so a failing run does not stop the others; failures are raised
     together at the end (their directories stay unfinished and are retried next time).
+    With ``results``, each finished run's summary is written there as it finishes (and any
+    finished run in ``out`` still missing one is backfilled), runs with a summary are skipped,
+    and the comparison is computed from the summaries.
     """
     import torch
 
     if not isinstance(parallel, int) or parallel < 1:
         raise SweepError(f"--parallel must be a positive integer, got {parallel!r}")
     out = Path(out)
+    results = Path(results) if results is not None else None
     progress = progress or _Silent()
-    stale = stale_runs(sweep, out)
-    if stale:
-        listed = ", ".join(str(r.path(out)) for r in stale[:3])
-        raise SweepError(
-            f"{len(stale)} finished run(s) in {out} were made with a different configuration "
-            f"than the sweep file now gives (e.g. {listed}); use a new --out or delete them")
-    status = plan_status(sweep, out)
+    for folder in (out, results) if results is not None else (out,):
+        stale = stale_runs(sweep, folder)
+        if stale:
+            listed = ", ".join(str(r.path(folder)) for r in stale[:3])
+            raise SweepError(
+                f"{len(stale)} finished run(s) in {folder} were made with a different configuration "
+                f"than the sweep file now gives (e.g. {listed}); use a new --out / --results or "
+                "delete them")
+    status = plan_status(sweep, out, results)
     progress.planned(status.total, len(status.finished))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(_describe(sweep), sort_keys=False))
+
+    def keep_summary(run: PlannedRun) -> None:
+        if results is not None:
+            from fedfair_med.experiments.results import write_summary
+
+            write_summary(run.path(out), run.path(results))
+
+    if results is not None:
+        from fedfair_med.experiments.results import write_sweep_description
+
+        write_sweep_description(_describe(sweep), results)
+        for run in status.finished:
+            if not is_finished(run.path(results)):
+                keep_summary(run)
 
     failures: list[tuple[PlannedRun, BaseException]] = []
     if parallel == 1:
@@ -465,6 +499,7 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                 ok = True
                 try:
                     execute_run(run.config.to_dict(), str(run.path(out)))
+                    keep_summary(run)
                 except Exception as err:  # noqa: BLE001 - reported with the run below
                     failures.append((run, err))
                     ok = False
@@ -496,6 +531,11 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                 for future in done:
                     run = pending.pop(future)
                     error = future.exception()
+                    if error is None:
+                        try:
+                            keep_summary(run)
+                        except Exception as err:  # noqa: BLE001 - reported with the run below
+                            error = err
                     if error is not None:
                         failures.append((run, error))
                     progress.run_finished(run, ok=error is None)
@@ -507,7 +547,7 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
     if analyse:
         from fedfair_med.experiments.analysis import write_outputs
 
-        result.outputs = write_outputs(sweep, out)
+        result.outputs = write_outputs(sweep, out, source=results)
     return result
 
 

@@ -1,0 +1,181 @@
+"""Committed run summaries: resuming a sweep from them, both protocols, the generated page.
+
+The protocol tests write metrics.jsonl files by hand with known answers; the resume test runs a
+real tiny sweep (2 rounds, 1 local step, data scale 0.25: about a second a run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fedfair_med.experiments.analysis import load_runs, paper_table, select_settings
+from fedfair_med.experiments.results import (
+    BEGIN,
+    END,
+    collect,
+    has_summary,
+    load_rounds,
+    load_study,
+    render_section,
+    split_doc,
+    top_k_protocol,
+    update_doc,
+)
+from fedfair_med.experiments.sweep import load_sweep, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- constructed summaries with known answers ---------------------------------------------------
+def _record(rnd: int, metric: float, gap: float, val_metric: float, val_gap: float) -> dict:
+    return {"round": rnd, "metric": metric, "gaps": {"ea": gap},
+            "val": {"metric": val_metric, "gaps": {"ea": val_gap}}}
+
+
+def _summary(root: Path, label: str, method: str, point: str, params: dict, seed: int,
+             records: list[dict]) -> None:
+    folder = root / "runs" / label / point / f"seed-{seed}"
+    folder.mkdir(parents=True)
+    (folder / "run.yaml").write_text(yaml.safe_dump({
+        "task": "synthetic-seg", "method": method, "method_params": params, "seed": seed,
+        "resolved": {"kind": "segmentation", "primary_metric": "dice"}}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "report.json").write_text("{}")
+
+
+@pytest.fixture
+def constructed(tmp_path: Path) -> Path:
+    """Study 'toy': FlexFair λ ∈ {1, 2} and FedAvg, seeds 0 and 1, two rounds each.
+
+    Seed 0, FlexFair: λ=1 test (0.5, gap 0.1), (0.7, 0.3); λ=2 (0.6, 0.2), (0.9, 0.05).
+    Seed 1, FlexFair: λ=1 (0.4, 0.1), (0.4, 0.2); λ=2 (0.3, 0.5), (0.4, 0.6).
+    Validation at the last round: λ=1 val 0.8, gap 0.1 (score 0.7); λ=2 val 0.9, gap 0.3 (0.6).
+    """
+    root = tmp_path / "results" / "toy"
+    root.mkdir(parents=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "toy", "base": {"task": "synthetic-seg", "rounds": 2}, "seeds": [0, 1],
+        "methods": {"fedavg": {"method": "fedavg"},
+                    "flexfair": {"method": "flexfair", "grid": {"lam": [1.0, 2.0]}}},
+        "select": {"metric_weight": 1.0, "gap_weight": 1.0, "gap": "ea"}, "reference": "flexfair"}))
+    test = {(0, 1.0): [(0.5, 0.1), (0.7, 0.3)], (0, 2.0): [(0.6, 0.2), (0.9, 0.05)],
+            (1, 1.0): [(0.4, 0.1), (0.4, 0.2)], (1, 2.0): [(0.3, 0.5), (0.4, 0.6)]}
+    val = {1.0: (0.8, 0.1), 2.0: (0.9, 0.3)}
+    for (seed, lam), values in test.items():
+        records = [_record(r + 1, m, g, *val[lam]) for r, (m, g) in enumerate(values)]
+        _summary(root, "flexfair", "flexfair", f"lam={lam!r}", {"lam": lam}, seed, records)
+    for seed, last in ((0, 0.6), (1, 0.5)):
+        _summary(root, "fedavg", "fedavg", "default", {}, seed,
+                 [_record(1, 0.2, 0.4, 0.5, 0.2), _record(2, last, 0.2, 0.7, 0.1)])
+    return root
+
+
+def test_paper_protocol_top_k_per_seed_known_answer(constructed: Path):
+    study = load_study(constructed)
+    table = top_k_protocol(load_rounds(study), "ea", k=2).set_index("label")
+    # Seed 0: top-2 by dice are 0.9 (gap 0.05) and 0.7 (0.3): dice 0.8, gap 0.175.
+    # Seed 1: three records tie at 0.4; rounds first, then setting: round 1 λ=1 (gap 0.1),
+    # round 2 λ=1 (0.2) → dice 0.4, gap 0.15. Over seeds: dice 0.6 ± √0.08, gap 0.1625 ± …
+    flex = table.loc["flexfair"]
+    assert flex["n"] == 2 and flex["records"] == 2
+    assert flex["metric_mean"] == pytest.approx(0.6)
+    assert flex["metric_std"] == pytest.approx(math.sqrt(0.08))
+    assert flex["gap_mean"] == pytest.approx(0.1625)
+    assert flex["gap_std"] == pytest.approx(0.025 / math.sqrt(2))
+    # FedAvg has one setting; k = 20 takes both of its rounds per seed.
+    wide = top_k_protocol(load_rounds(study), "ea").set_index("label")
+    assert wide.loc["fedavg", "records"] == 2
+    assert wide.loc["fedavg", "metric_mean"] == pytest.approx(((0.2 + 0.6) / 2 + (0.2 + 0.5) / 2) / 2)
+    with pytest.raises(ValueError):
+        top_k_protocol(load_rounds(study), "ea", k=0)
+
+
+def test_primary_protocol_selects_on_validation_and_reports_last_round_test(constructed: Path):
+    study = load_study(constructed)
+    assert (study.finished, study.planned) == (6, 6)
+    runs = load_runs(study.sweep, constructed)
+    chosen = select_settings(runs, study.sweep.selection).set_index("label")
+    # λ=1 has the better validation score (0.7 vs 0.6) although λ=2 has the best test rounds.
+    assert chosen.loc["flexfair", "point"] == "lam=1.0"
+    table = paper_table(runs, chosen.reset_index(), "ea", "flexfair").set_index("label")
+    assert table.loc["flexfair", "metric_mean"] == pytest.approx((0.7 + 0.4) / 2)
+    assert table.loc["flexfair", "gap_mean"] == pytest.approx((0.3 + 0.2) / 2)
+    assert table.loc["fedavg", "metric_mean"] == pytest.approx(0.55)
+    text = render_section(constructed.parent, plots_link="plots")
+    assert text.startswith(BEGIN) and text.rstrip().endswith(END)
+    assert "| flexfair | lam=1.0 | 2 | 0.550 ± 0.212 |" in text  # protocol (a)
+    assert "| flexfair | 2 | 20 |" not in text and "| flexfair | 2 | 4 | 0." in text  # protocol (b)
+    assert "6 of 6 planned runs finished" in text
+
+
+def test_incomplete_summaries_are_not_counted(constructed: Path):
+    (constructed / "runs/flexfair/lam=2.0/seed-1/metrics.jsonl").unlink()
+    shutil.copytree(constructed / "runs/fedavg/default/seed-0",
+                    constructed / "runs/fedavg/default/seed-2.partial")
+    study = load_study(constructed)
+    assert (study.finished, study.planned) == (5, 6)
+    assert "5 of 6 planned runs finished" in render_section(constructed.parent)
+
+
+def test_update_doc_replaces_only_the_generated_block(tmp_path: Path):
+    doc = tmp_path / "page.md"
+    doc.write_text(f"# Title\n\nhand text\n\n{BEGIN}\nold\n{END}\n\n## After\n")
+    section = f"{BEGIN}\nnew\n{END}\n"
+    assert update_doc(doc, section) is True
+    assert doc.read_text() == f"# Title\n\nhand text\n\n{section}\n## After\n"
+    assert update_doc(doc, section) is False
+    assert split_doc(doc.read_text())[1] == section
+
+
+# ---- a real sweep resumed from its summaries on a "new machine" --------------------------------
+TINY = {"name": "tiny", "base": {"task": "synthetic-seg", "rounds": 2, "max_steps": 1,
+                                 "data": {"scale": 0.25}},
+        "seeds": [0], "methods": {"fedavg": {"method": "fedavg"},
+                                     "flexfair": {"method": "flexfair", "grid": {"lam": [1.0]}}}}
+
+
+def test_sweep_writes_summaries_and_resumes_from_them_without_run_dirs(tmp_path: Path):
+    sweep = load_sweep(TINY)
+    results = tmp_path / "results" / "tiny"
+    first = run_sweep(sweep, tmp_path / "machine-1", results=results)
+    assert len(first.executed) == 2
+    for run in sweep.runs:
+        summary = run.path(results)
+        assert has_summary(summary)
+        assert sorted(p.name for p in summary.iterdir()) == ["metrics.jsonl", "report.json", "run.yaml"]
+        assert (summary / "metrics.jsonl").read_bytes() == (run.path(tmp_path / "machine-1") / "metrics.jsonl").read_bytes()
+    # A fresh checkout: no run directories, only the committed summaries.
+    shutil.rmtree(tmp_path / "machine-1")
+    second = run_sweep(sweep, tmp_path / "machine-2", results=results)
+    assert second.executed == [] and len(second.skipped) == 2
+    table = (tmp_path / "machine-2" / "table.csv").read_text()
+    assert "fedavg" in table and "flexfair" in table
+    # A lost summary is the one run redone.
+    shutil.rmtree(sweep.runs[0].path(results))
+    third = run_sweep(sweep, tmp_path / "machine-3", results=results)
+    assert [r.relpath for r in third.executed] == [sweep.runs[0].relpath]
+    assert has_summary(sweep.runs[0].path(results))
+    # collect: the same summaries from a run folder.
+    copied = collect(tmp_path / "machine-3", tmp_path / "collected")
+    assert len(copied) == 1 and (tmp_path / "collected" / "sweep.yaml").is_file()
+
+
+def test_committed_results_page_matches_what_render_generates():
+    """docs/results.md's generated block is exactly `fedfair-med results render`'s output."""
+    from fedfair_med.cli.main import app
+
+    doc = REPO / "docs" / "results.md"
+    expected = render_section(REPO / "results", plots_link="results/generated")
+    actual = split_doc(doc.read_text())[1]
+    assert actual == expected
+    assert (REPO / "docs" / "results" / "generated" / "example-pareto.png").is_file()
+    result = CliRunner().invoke(app, ["results", "render", str(REPO / "results"), "--doc", str(doc),
+                                      "--check"])
+    assert result.exit_code == 0, result.output
