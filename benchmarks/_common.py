@@ -249,8 +249,10 @@ def state_bytes(state: Mapping[str, Any]) -> int:
 
 # ---- output ---------------------------------------------------------------------------------
 def write_result(name: str, payload: dict[str, Any], out: Path) -> Path:
+    """``out/NAME.json``; a ``--quick`` run (``payload["quick"]``) writes ``NAME.quick.json``
+    instead, so checking a script never overwrites the committed full measurement."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    path = out / f"{name}{'.quick' if payload.get('quick') else ''}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_plain) + "\n")
     return path
 
