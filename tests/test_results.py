@@ -41,7 +41,7 @@ def _record(rnd: int, metric: float, gap: float, val_metric: float, val_gap: flo
 
 def _summary(root: Path, label: str, method: str, point: str, params: dict, seed: int,
              records: list[dict]) -> None:
-    folder = root / "runs" / label / point / f"seed-{seed}"
+    folder = root / label / point / f"seed-{seed}"
     folder.mkdir(parents=True)
     (folder / "run.yaml").write_text(yaml.safe_dump({
         "task": "synthetic-seg", "method": method, "method_params": params, "seed": seed,
@@ -100,7 +100,7 @@ def test_paper_protocol_top_k_per_seed_known_answer(constructed: Path):
 def test_primary_protocol_selects_on_validation_and_reports_last_round_test(constructed: Path):
     study = load_study(constructed)
     assert (study.finished, study.planned) == (6, 6)
-    runs = load_runs(study.sweep, constructed)
+    runs = load_runs(study.sweep, constructed, summaries=True)
     chosen = select_settings(runs, study.sweep.selection).set_index("label")
     # λ=1 has the better validation score (0.7 vs 0.6) although λ=2 has the best test rounds.
     assert chosen.loc["flexfair", "point"] == "lam=1.0"
@@ -116,9 +116,9 @@ def test_primary_protocol_selects_on_validation_and_reports_last_round_test(cons
 
 
 def test_incomplete_summaries_are_not_counted(constructed: Path):
-    (constructed / "runs/flexfair/lam=2.0/seed-1/metrics.jsonl").unlink()
-    shutil.copytree(constructed / "runs/fedavg/default/seed-0",
-                    constructed / "runs/fedavg/default/seed-2.partial")
+    (constructed / "flexfair/lam=2.0/seed-1/metrics.jsonl").unlink()
+    shutil.copytree(constructed / "fedavg/default/seed-0",
+                    constructed / "fedavg/default/seed-2.partial")
     study = load_study(constructed)
     assert (study.finished, study.planned) == (5, 6)
     assert "5 of 6 planned runs finished" in render_section(constructed.parent)
@@ -147,7 +147,7 @@ def test_sweep_writes_summaries_and_resumes_from_them_without_run_dirs(tmp_path:
     first = run_sweep(sweep, tmp_path / "machine-1", results=results)
     assert len(first.executed) == 2
     for run in sweep.runs:
-        summary = run.path(results)
+        summary = run.summary_path(results)
         assert has_summary(summary)
         assert sorted(p.name for p in summary.iterdir()) == ["metrics.jsonl", "report.json", "run.yaml"]
         assert (summary / "metrics.jsonl").read_bytes() == (run.path(tmp_path / "machine-1") / "metrics.jsonl").read_bytes()
@@ -158,10 +158,10 @@ def test_sweep_writes_summaries_and_resumes_from_them_without_run_dirs(tmp_path:
     table = (tmp_path / "machine-2" / "table.csv").read_text()
     assert "fedavg" in table and "flexfair" in table
     # A lost summary is the one run redone.
-    shutil.rmtree(sweep.runs[0].path(results))
+    shutil.rmtree(sweep.runs[0].summary_path(results))
     third = run_sweep(sweep, tmp_path / "machine-3", results=results)
     assert [r.relpath for r in third.executed] == [sweep.runs[0].relpath]
-    assert has_summary(sweep.runs[0].path(results))
+    assert has_summary(sweep.runs[0].summary_path(results))
     # collect: the same summaries from a run folder.
     copied = collect(tmp_path / "machine-3", tmp_path / "collected")
     assert len(copied) == 1 and (tmp_path / "collected" / "sweep.yaml").is_file()
@@ -171,6 +171,10 @@ def test_committed_results_page_matches_what_render_generates():
     """docs/results.md's generated block is exactly `fedfair-med results render`'s output."""
     from fedfair_med.cli.main import app
 
+    # The committed example really is committed: every planned run has its summary (a layout
+    # under a folder named runs/ would be git-ignored and vanish from a fresh checkout).
+    example = load_study(REPO / "results" / "example")
+    assert example.finished == example.planned == 6
     doc = REPO / "docs" / "results.md"
     expected = render_section(REPO / "results", plots_link="results/generated")
     actual = split_doc(doc.read_text())[1]

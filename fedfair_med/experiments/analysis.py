@@ -41,18 +41,19 @@ def _gap_order(names: Sequence[str]) -> list[str]:
 
 
 # ---- the long-format table -------------------------------------------------------------------
-def load_runs(sweep: Sweep, out: str | Path) -> pd.DataFrame:
+def load_runs(sweep: Sweep, out: str | Path, summaries: bool = False) -> pd.DataFrame:
     """One row per run (runs.csv): label, method, point, grid params, seed, last-round numbers.
 
     Columns ``test_metric`` / ``test_<gap>`` come from the test split, ``val_metric`` /
     ``val_<gap>`` from the validation split (NaN when the run had none); ``path`` is relative
-    to ``out``.
+    to ``out``. With ``summaries``, ``out`` is a results folder
+    (:meth:`~fedfair_med.experiments.sweep.PlannedRun.summary_path`).
     """
     out = Path(out)
     rows: list[dict[str, Any]] = []
     params = sweep.grid_params
     for run in sweep.runs:
-        path = run.path(out)
+        path = run.summary_path(out) if summaries else run.path(out)
         records = read_metrics(path)
         if not records:
             raise SweepError(f"{path}: metrics.jsonl has no rounds")
@@ -269,7 +270,7 @@ def write_outputs(sweep: Sweep, out: str | Path, source: str | Path | None = Non
     """
     out = Path(out)
     gap = sweep.selection.gap
-    runs = load_runs(sweep, source if source is not None else out)
+    runs = load_runs(sweep, out) if source is None else load_runs(sweep, source, summaries=True)
     paths = {"runs.csv": out / "runs.csv"}
     runs.to_csv(paths["runs.csv"], index=False)
     metric_name = str(runs["metric_name"].iloc[0])

@@ -7,7 +7,7 @@ and validation) and ``report.json`` (the last round's audit: group means, gaps).
 value is in any of them. A study's summaries live under a committed folder::
 
     results/<study>/sweep.yaml                          the validated sweep that made them
-    results/<study>/runs/<label>/<point>/seed-<s>/      run.yaml, metrics.jsonl, report.json
+    results/<study>/<label>/<point>/seed-<s>/           run.yaml, metrics.jsonl, report.json
 
 ``fedfair-med sweep FILE --results results/<study>`` writes each summary as its run finishes
 and skips any run whose summary is already there, so a study resumes on a fresh checkout;
@@ -110,7 +110,7 @@ def collect(out: Path, into: Path) -> list[Path]:
     for run_dir in sorted((out / "runs").glob("*/*/seed-*")):
         if run_dir.name.endswith(".partial") or not is_finished(run_dir):
             continue
-        relative = run_dir.relative_to(out)
+        relative = run_dir.relative_to(out / "runs")
         written.append(write_summary(run_dir, into / relative))
     if written:
         shutil.copyfile(out / SWEEP_FILE, into / SWEEP_FILE)
@@ -162,7 +162,7 @@ def load_study(path: Path) -> Study:
     kind = "segmentation"
     for label, entry in methods.items():
         grid = sorted(((entry or {}).get("grid") or {}))
-        for run_dir in sorted((path / "runs" / str(label)).glob("*/seed-*")):
+        for run_dir in sorted((path / str(label)).glob("*/seed-*")):
             if run_dir.name.endswith(".partial") or not has_summary(run_dir):
                 continue
             config = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
@@ -172,7 +172,7 @@ def load_study(path: Path) -> Study:
                                    point=run_dir.parent.name, params=params,
                                    seed=int(run_dir.name.removeprefix("seed-")),
                                    config=None,  # type: ignore[arg-type]
-                                   relpath=str(run_dir.relative_to(path))))
+                                   relpath="runs/" + run_dir.relative_to(path).as_posix()))
     sweep = Sweep(name=str(description.get("name", path.name)), base=description.get("base") or {},
                   seeds=list(description.get("seeds") or []),
                   methods={str(k): v for k, v in methods.items()}, selection=selection,
@@ -194,7 +194,7 @@ def load_rounds(study: Study) -> pd.DataFrame:
     """One row per (run, round): label, point, seed, round, test metric and every test gap."""
     rows = []
     for run in study.sweep.runs:
-        for line in (study.path / run.relpath / "metrics.jsonl").read_text().splitlines():
+        for line in (run.summary_path(study.path) / "metrics.jsonl").read_text().splitlines():
             if not line.strip():
                 continue
             record = json.loads(line)
@@ -269,7 +269,7 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     if not sweep.runs:
         return "\n".join(lines + ["No run has finished yet.", ""]) + "\n"
     gap = sweep.selection.gap
-    runs = load_runs(sweep, study.path)
+    runs = load_runs(sweep, study.path, summaries=True)
     metric_name = str(runs["metric_name"].iloc[0])
     chosen = select_settings(runs, sweep.selection)
     table = paper_table(runs, chosen, gap, sweep.reference)
@@ -321,7 +321,7 @@ def render_section(root: Path, plots: Path | None = None, plots_link: str | None
             link = f"{plots_link.rstrip('/')}/{study.name}-pareto.png"
         if plots is not None and study.sweep.runs:
             Path(plots).mkdir(parents=True, exist_ok=True)
-            runs = load_runs(study.sweep, study.path)
+            runs = load_runs(study.sweep, study.path, summaries=True)
             fronts = pareto_fronts(summarise(runs, study.sweep.selection.gap, study.sweep.selection))
             chosen = select_settings(runs, study.sweep.selection)
             keys = set(zip(chosen["label"], chosen["point"]))

@@ -26,7 +26,7 @@ killed sweep leaves no directory that looks finished; anything unfinished is red
 
 With ``results`` (a committed folder, :mod:`fedfair_med.experiments.results`), every finished
 run's summary (run.yaml, metrics.jsonl, report.json) is copied to
-``results/runs/<label>/<point>/seed-<s>/`` as it finishes, a run whose summary is there counts
+``results/<label>/<point>/seed-<s>/`` as it finishes, a run whose summary is there counts
 as finished even when its run directory is gone (a new machine), and the comparison is computed
 from the summaries.
 """
@@ -92,6 +92,11 @@ class PlannedRun:
 
     def path(self, out: Path) -> Path:
         return Path(out) / self.relpath
+
+    def summary_path(self, results: Path) -> Path:
+        """Where its summary lies in a results folder: ``<label>/<point>/seed-<s>`` (no ``runs/``,
+        which .gitignore keeps out of the repository)."""
+        return Path(results) / self.relpath.removeprefix("runs/")
 
 
 @dataclass
@@ -354,14 +359,14 @@ def _normalised(config: RunConfig) -> dict[str, Any]:
     return yaml.safe_load(yaml.safe_dump(config.to_dict()))
 
 
-def stale_runs(sweep: Sweep, out: Path) -> list[PlannedRun]:
+def stale_runs(sweep: Sweep, out: Path, summaries: bool = False) -> list[PlannedRun]:
     """Finished runs whose run.yaml differs from what the sweep file now asks for.
 
-    ``out`` is a sweep output folder or a results folder (the same layout below it).
+    ``out`` is a sweep output folder, or with ``summaries`` a results folder.
     """
     stale = []
     for run in sweep.runs:
-        path = run.path(out)
+        path = run.summary_path(out) if summaries else run.path(out)
         if not is_finished(path):
             continue
         try:
@@ -385,7 +390,8 @@ class PlanStatus:
 def plan_status(sweep: Sweep, out: Path, results: Path | None = None) -> PlanStatus:
     """Which runs are finished (in ``out``, or with a summary in ``results``) and which remain."""
     def done(run: PlannedRun) -> bool:
-        return is_finished(run.path(out)) or (results is not None and is_finished(run.path(results)))
+        return is_finished(run.path(out)) or (results is not None
+                                              and is_finished(run.summary_path(results)))
 
     finished = [r for r in sweep.runs if done(r)]
     done = {r.relpath for r in finished}
@@ -463,9 +469,10 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
     results = Path(results) if results is not None else None
     progress = progress or _Silent()
     for folder in (out, results) if results is not None else (out,):
-        stale = stale_runs(sweep, folder)
+        stale = stale_runs(sweep, folder, summaries=folder is results)
         if stale:
-            listed = ", ".join(str(r.path(folder)) for r in stale[:3])
+            listed = ", ".join(str(r.summary_path(folder) if folder is results else r.path(folder))
+                               for r in stale[:3])
             raise SweepError(
                 f"{len(stale)} finished run(s) in {folder} were made with a different configuration "
                 f"than the sweep file now gives (e.g. {listed}); use a new --out / --results or "
@@ -479,14 +486,14 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
         if results is not None:
             from fedfair_med.experiments.results import write_summary
 
-            write_summary(run.path(out), run.path(results))
+            write_summary(run.path(out), run.summary_path(results))
 
     if results is not None:
         from fedfair_med.experiments.results import write_sweep_description
 
         write_sweep_description(_describe(sweep), results)
         for run in status.finished:
-            if not is_finished(run.path(results)):
+            if not is_finished(run.summary_path(results)):
                 keep_summary(run)
 
     failures: list[tuple[PlannedRun, BaseException]] = []
