@@ -113,6 +113,8 @@ def test_primary_protocol_selects_on_validation_and_reports_last_round_test(cons
     assert "| flexfair | lam=1.0 | 2 | 0.550 ± 0.212 |" in text  # protocol (a)
     assert "| flexfair | 2 | 20 |" not in text and "| flexfair | 2 | 4 | 0." in text  # protocol (b)
     assert "6 of 6 planned runs finished" in text
+    # Two rounds × settings cannot fill a top 20: the page says so rather than imply a best-of-20.
+    assert "Fewer than 20 records per seed for fedavg, flexfair" in text
 
 
 def test_incomplete_summaries_are_not_counted(constructed: Path):

@@ -277,7 +277,7 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
               table_markdown(table, caption(sweep.selection, len(sweep.seeds), metric_name,
                                             sweep.reference), metric_name, gap).rstrip(), ""]
     top = top_k_protocol(load_rounds(study), gap, k)
-    lines += [f"**(b) The paper's protocol** (selects on test, optimistic: for each seed the top "
+    lines += [f"**(b) The paper's protocol** (selects on the test split: for each seed the top "
               f"{k} test results over every round and setting of the method, ranked by test "
               f"{metric_name}; mean ± std over seeds of their mean).", "",
               f"| method | seeds | records per seed | {metric_name} ↑ | {gap.upper()} gap ↓ |",
@@ -286,6 +286,11 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
         lines.append(f"| {r['label']} | {r['n']} | {r['records']} | "
                      f"{_pm(r['metric_mean'], r['metric_std'])} | {_pm(r['gap_mean'], r['gap_std'])} |")
     lines.append("")
+    short = [str(label) for label, used in zip(top["label"], top["records"]) if used < k]
+    if short:
+        lines += [f"Fewer than {k} records per seed for {', '.join(short)}: every record is used, "
+                  "early rounds included, so (b) can fall below (a) there, and methods with "
+                  "different record counts are not comparable under (b).", ""]
     if plot_link:
         lines += [f"![{study.name} Pareto plot]({plot_link})", ""]
     return "\n".join(lines) + "\n"
