@@ -50,11 +50,12 @@ class RichSweepProgress:
 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(1)  # exit 1 for every error a command reports itself (README "Exit codes")
 
 
-def plan_table(sweep: Any, out: Path) -> Table:
-    """Per methods entry: grid points, seeds, runs and how many are already finished."""
+def plan_table(sweep: Any, out: Path, results: Optional[Path] = None) -> Table:
+    """Per methods entry: grid points, seeds, runs and how many are already finished
+    (in ``out``, or with a summary in ``results``)."""
     from fedfair_med.experiments.sweep import is_finished
 
     table = Table(title=f"Sweep {sweep.name}: {len(sweep.seeds)} seed(s) {sweep.seeds}")
@@ -63,7 +64,8 @@ def plan_table(sweep: Any, out: Path) -> Table:
     for label in sweep.methods:
         runs = [r for r in sweep.runs if r.label == label]
         points = list(dict.fromkeys(r.point for r in runs))
-        done = sum(is_finished(r.path(out)) for r in runs)
+        done = sum(is_finished(r.path(out))
+                   or (results is not None and is_finished(r.summary_path(results))) for r in runs)
         table.add_row(label, runs[0].method, ", ".join(points), str(len(runs)), str(done))
     return table
 
@@ -121,7 +123,7 @@ def register(app: typer.Typer) -> None:
         target = out or Path("runs") / "sweeps" / plan.name
         status = plan_status(plan, target, results)
         if dry_run:
-            console.print(plan_table(plan, target))
+            console.print(plan_table(plan, target, results))
             # typer.echo, not Rich: a long path must not wrap the summary over two lines.
             typer.echo(f"{status.total} runs planned in {target}: {len(status.finished)} already "
                        f"finished, {len(status.to_run)} to run.")
