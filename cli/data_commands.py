@@ -21,7 +21,8 @@ from fedfair_med.data.manifest import ManifestError, Problem, parse_manifest
 from fedfair_med.data.validate import TASK_FORMATS, CheckResult, check_manifest, task_format
 
 TaskName = Enum("TaskName", {name: name for name in TASK_FORMATS}, type=str)  # type: ignore[misc]
-DatasetName = Enum("DatasetName", {name.replace("-", "_"): name for name in IMPORTERS}, type=str)  # type: ignore[misc]
+DatasetName = Enum("DatasetName", {**{name.replace("-", "_"): name for name in IMPORTERS},  # type: ignore[misc]
+                                   "dicom": "dicom"}, type=str)
 
 
 def _console() -> Console:
@@ -119,6 +120,9 @@ def import_(
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split (quick tests)."),
 ) -> None:
     """Write one manifest per site for a public dataset, pointing at SRC (nothing is copied)."""
+    if dataset.value == "dicom":  # a hospital's own series: one manifest, at OUT itself
+        _import_dicom(src, out, test_fraction, val_fraction, seed, False)
+        return
     console = _console()
     try:
         written = import_dataset(dataset.value, src, out, test_fraction=test_fraction, seed=seed, limit=limit,
@@ -129,6 +133,40 @@ def import_(
     for site in written:
         counts = ", ".join(f"{n} {split}" for split, n in site.split_counts.items() if n)
         console.print(f"wrote {site.manifest} (site '{site.site}', task {site.task}: {counts})", markup=False)
+
+
+def _import_dicom(src: Path, out: Path, test_fraction: Optional[float], val_fraction: Optional[float],
+                  seed: int, force: bool) -> None:
+    """``data import dicom DIR --out sites/X``: OUT/manifest.csv from the series' headers
+    (fedfair_med/data/dicom.py); every problem one line, exit 1, nothing written."""
+    import os
+    import tempfile
+
+    from fedfair_med.data.dicom import DicomImportError, import_dicom
+
+    console = _console()
+    target = out / "manifest.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".import-") as staging:
+        try:
+            written, counts, warnings = import_dicom(
+                src, Path(staging) / out.name, test_fraction=0.25 if test_fraction is None else test_fraction,
+                val_fraction=val_fraction or 0.0, seed=seed, site=out.name)
+        except DicomImportError as exc:
+            console.print(f"[bold red]cannot import DICOM series from {src}: {len(exc.problems)} "
+                          "problem(s):[/bold red]")
+            for line in exc.problems:
+                console.print(line, markup=False)
+            raise typer.Exit(1) from None
+        for line in warnings:
+            console.print(line, markup=False, style="yellow")
+        if target.exists() and target.read_bytes() != written.read_bytes() and not force:
+            console.print(f"error: {target} already exists with other content; use another --out, "
+                          "or --force to replace", markup=False)
+            raise typer.Exit(1)
+        os.replace(written, target)
+    shown = ", ".join(f"{n} {split}" for split, n in counts.items() if n)
+    console.print(f"wrote {target} (site '{out.name}', task mri: {shown})", markup=False)
 
 
 def derive_mri(

@@ -186,8 +186,10 @@ def _open_volume(path: Path) -> _Volume:
     """Read a NIfTI with nibabel; SimpleITK only when nibabel rejects the header itself.
 
     Both give (x, y, z) order. Data-level failures are never retried with SimpleITK, which
-    can read a cut file without complaint.
+    can read a cut file without complaint. A folder is a DICOM series (:func:`_open_series`).
     """
+    if path.is_dir():
+        return _open_series(path)
     _check_exists(path)
     if not _is_nifti(path):
         raise _Unreadable("is not a NIfTI file (.nii or .nii.gz), but this task expects volumes")
@@ -226,6 +228,26 @@ def _open_volume(path: Path) -> _Volume:
         spacing = tuple(float(s) for s in np.linalg.norm(linear, axis=0))
         determinant = float(np.linalg.det(linear)) if linear.shape == (3, 3) else 0.0
     return _Volume(data=data, spacing=spacing, determinant=determinant)
+
+
+def _open_series(path: Path) -> _Volume:
+    """A DICOM series folder (data/dicom.py): its geometry problems, else its voxels (x, y, z)."""
+    import SimpleITK as sitk
+
+    from fedfair_med.data.dicom import read_series, series_problems
+
+    problems = series_problems(path)
+    if problems:
+        raise _Unreadable("; ".join(problems))
+    try:
+        image = read_series(path)
+    except Exception as exc:  # GDCM's errors are long; the last line says what is wrong
+        lines = str(exc).strip().splitlines()
+        raise _Unreadable(f"unreadable DICOM series ({lines[-1] if lines else type(exc).__name__})") from None
+    linear = (np.asarray(image.GetDirection(), dtype=float).reshape(3, 3) * np.asarray(image.GetSpacing()))
+    return _Volume(data=np.transpose(sitk.GetArrayFromImage(image)),
+                   spacing=tuple(float(s) for s in image.GetSpacing()),
+                   determinant=float(np.linalg.det(linear)))
 
 
 def _spatial_volume(volume: _Volume) -> np.ndarray:

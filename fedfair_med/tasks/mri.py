@@ -67,13 +67,16 @@ class SimpleITKReader(ImageReader):
     def verify_suffix(self, filename: Any) -> bool:
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
         suffixes = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
-        return all(str(n).lower().endswith(suffixes) for n in names)
+        return all(str(n).lower().endswith(suffixes) or Path(n).is_dir() for n in names)
 
     def read(self, data: Any, **kwargs: Any) -> Any:
         import SimpleITK as sitk
 
+        from fedfair_med.data.dicom import read_series
+
         names = [data] if isinstance(data, (str, Path)) else list(data)
-        images = [sitk.ReadImage(str(name)) for name in names]
+        # a folder is a DICOM series (data/dicom.py): read in place, no conversion step
+        images = [read_series(name) if Path(name).is_dir() else sitk.ReadImage(str(name)) for name in names]
         return images[0] if len(images) == 1 else images
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
@@ -105,12 +108,34 @@ class SimpleITKReader(ImageReader):
         return np.ascontiguousarray(array), meta
 
 
+class SeriesOrFileReader(ImageReader):
+    """``base`` for files, :class:`SimpleITKReader` for a folder (a DICOM series), so a manifest may
+    mix NIfTI volumes and DICOM series whatever the configured reader."""
+
+    def __init__(self, base: ImageReader) -> None:
+        super().__init__()
+        self.base, self.series = base, SimpleITKReader()
+
+    def verify_suffix(self, filename: Any) -> bool:
+        return self.series.verify_suffix(filename) or self.base.verify_suffix(filename)
+
+    def read(self, data: Any, **kwargs: Any) -> Any:
+        names = [data] if isinstance(data, (str, Path)) else list(data)
+        if all(Path(n).is_dir() for n in names):
+            return ("series", self.series.read(data, **kwargs))
+        return ("file", self.base.read(data, **kwargs))
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        kind, image = img
+        return (self.series if kind == "series" else self.base).get_data(image)
+
+
 def make_reader(name: str) -> ImageReader | str:
     key = str(name).strip().lower()
     if key == "nibabel":
         from monai.data import NibabelReader
 
-        return NibabelReader()
+        return SeriesOrFileReader(NibabelReader())
     if key == "simpleitk":
         return SimpleITKReader()
     if key == "itk":
@@ -127,6 +152,25 @@ def volume_depth(path: str | Path, pixdim_s: float) -> int:
     import nibabel as nib
 
     name = str(path).lower()
+    if Path(path).is_dir():  # a DICOM series: the first slice's geometry, the slices' count
+        from fedfair_med.data.dicom import read_headers
+
+        headers = read_headers(path)
+        import SimpleITK as sitk
+
+        first, last = sitk.ImageFileReader(), sitk.ImageFileReader()
+        first.SetFileName(headers.files[0])
+        last.SetFileName(headers.files[-1])
+        first.ReadImageInformation()
+        last.ReadImageInformation()
+        o1, o2 = np.asarray(first.GetOrigin()[:3]), np.asarray(last.GetOrigin()[:3])
+        cosines = np.asarray(first.GetDirection()).reshape(len(first.GetSize()), -1)[:3, :3]
+        spacing = first.GetSpacing()
+        size = first.GetSize()
+        corners = [o + cosines[:, 0] * spacing[0] * i + cosines[:, 1] * spacing[1] * j
+                   for o in (o1, o2) for i in (0, size[0] - 1) for j in (0, size[1] - 1)]
+        z = np.array([c[2] for c in corners])  # LPS z = RAS S
+        return int(math.ceil((z.max() - z.min()) / pixdim_s)) + 2
     if name.endswith((".nii", ".nii.gz")):
         header = nib.load(str(path))
         shape, affine = header.shape[:3], np.asarray(header.affine)
