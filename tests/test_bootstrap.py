@@ -153,3 +153,27 @@ def test_values_outside_the_plans_vocabulary_are_refused() -> None:
     frame = predictions().head(10).assign(sex="other")
     with pytest.raises(ValueError, match="'other'.*vocabulary"):
         site_replicates(frame, VOCAB, site="h1", seed=0, replicates=5)
+
+
+def test_federated_report_carries_every_interval_and_the_dp_release() -> None:
+    from fedfair_med.config import RunConfig
+    from fedfair_med.runtime.openfl.aggregation import federated_report
+
+    pooled = predictions()
+    record = combine_summaries({s: site_summary(pooled[pooled["site"] == s], ["site", "sex"]) for s in SITES},
+                               classification=True)
+    config = RunConfig(task="synthetic-cls")
+    plain = federated_report(record, config, list(SITES))
+    assert plain["overall"]["ci95"] == [None, None] and all(g["ci95"] == [None, None] for g in plain["groups"])
+    cis = poisson_bootstrap(pooled, VOCAB, seed=0, replicates=200, classification=True)
+    cis["privacy"] = BootstrapPrivacy.accounting({"statistics_epsilon": 2.0, "statistics_delta": 1e-6},
+                                                 replicates=200, attributes=len(VOCAB))
+    report = federated_report(record, config, list(SITES), bootstrap=cis)
+    assert report["overall"]["ci95"] == cis["overall"]
+    rows = {(g["attribute"], g["group"]): g["ci95"] for g in report["groups"]}
+    assert {k: v for k, v in rows.items() if k[0] == "site"} == {("site", s): cis["sites"][s] for s in SITES}
+    assert {k: v for k, v in rows.items() if k[0] == "sex"} == {("sex", g): v for g, v in cis["groups"]["sex"].items()}
+    assert report["gaps_ci95"] == {k: cis["gaps"][k] for k in record["gaps"]}
+    assert report["settings"]["n_boot"] == 200
+    assert report["settings"]["bootstrap_privacy"]["epsilon"] == pytest.approx(2.0, rel=1e-5)
+    assert any("differentially private" in w for w in report["warnings"])
