@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedfair_med.data.importers import IMPORTERS, DatasetLayoutError, import_dataset
-from fedfair_med.data.manifest import ManifestError, Problem, parse_manifest
+from fedfair_med.data.manifest import SHOWN_PROBLEMS, ManifestError, Problem, parse_manifest, problem_lines
 from fedfair_med.data.validate import TASK_FORMATS, CheckResult, check_manifest, task_format
 
 TaskName = Enum("TaskName", {name: name for name in TASK_FORMATS}, type=str)  # type: ignore[misc]
@@ -30,10 +30,12 @@ def _console() -> Console:
     return Console(soft_wrap=True, highlight=False)
 
 
-def _print_problems(console: Console, title: str, problems: list[Problem], style: str) -> None:
+def _print_problems(console: Console, title: str, problems: list[Problem], style: str,
+                    limit: int | None = SHOWN_PROBLEMS) -> None:
+    """The title, then the first ``limit`` problems and one line counting the rest by kind."""
     console.print(f"[{style}]{title}[/{style}]")
-    for problem in problems:
-        console.print(str(problem), markup=False)
+    for line in problem_lines(problems, limit):
+        console.print(line, markup=False)
 
 
 def _summary_tables(result: CheckResult) -> list[Table]:
@@ -76,8 +78,12 @@ def check(
     audit: bool = typer.Option(False, "--audit",
                                help="The manifest is only used to audit a model (report --model): "
                                     "test rows suffice, no train rows needed."),
+    show: int = typer.Option(SHOWN_PROBLEMS, "--show", min=0,
+                             help="Problems listed one per line; the rest are counted by kind (0: all)."),
 ) -> None:
-    """Open every file of a site manifest; print a summary, or every problem found (exit 1)."""
+    """Open every file of a site manifest; print a summary, or the problems found (exit 1)."""
+    limit = show or None
+
     console = _console()
     spec = task_format(task.value)
     try:
@@ -85,7 +91,7 @@ def check(
         result = check_manifest(parsed, task_kind=spec.kind, image_format=spec.image_format,
                                 mask_threshold=mask_threshold, classes=spec.classes, audit=audit)
     except ManifestError as exc:
-        _print_problems(console, f"{manifest}: cannot be read as a manifest", exc.problems, "bold red")
+        _print_problems(console, f"{manifest}: cannot be read as a manifest", exc.problems, "bold red", limit)
         raise typer.Exit(1) from None
     except OSError as exc:
         console.print(f"{manifest}: {exc}", markup=False)
@@ -96,9 +102,9 @@ def check(
         warnings.append(Problem(str(manifest), None, None,
                                 f"the file says '# task: {parsed.task}' but it was checked as '{task.value}'"))
     if warnings:
-        _print_problems(console, f"{len(warnings)} warning(s):", warnings, "yellow")
+        _print_problems(console, f"{len(warnings)} warning(s):", warnings, "yellow", limit)
     if problems:
-        _print_problems(console, f"{len(problems)} problem(s):", problems, "bold red")
+        _print_problems(console, f"{len(problems)} problem(s):", problems, "bold red", limit)
         raise typer.Exit(1)
     for table in _summary_tables(result):
         console.print(table)

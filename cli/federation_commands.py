@@ -26,22 +26,25 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(1)
 
 
 def _guard(action: Callable[[], Any]) -> Any:
     """Run ``action``; expected failures become one line and exit code 1."""
     from fedfair_med.config import ConfigError
-    from fedfair_med.runtime.openfl.process import AggregatorUnreachable, FederationTimeout
+    from fedfair_med.runtime.openfl.process import AggregatorUnreachable, FederationTimeout, PlanMismatch
 
     try:
         return action()
     except typer.Exit:
         raise
-    except (ConfigError, ValueError, AggregatorUnreachable, FederationTimeout, FileNotFoundError,
-            PermissionError, OSError) as err:
-        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except (ConfigError, ValueError, AggregatorUnreachable, FederationTimeout, PlanMismatch,
+            FileNotFoundError, PermissionError, OSError) as err:
+        text = str(err).strip()
+        if isinstance(err, ConfigError):  # "invalid configuration:" then one problem per line
+            text = " ".join(line.strip() for line in text.splitlines())
+        _fail(text.splitlines()[0] if text else type(err).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")
 
@@ -126,10 +129,13 @@ def collaborator_setup(
     bundle: Path = typer.Argument(..., help="The bundle (.zip or folder) from the coordinating centre."),
     name: str = typer.Option(..., "--name", help="This site's name, as in the plan."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="This site's data manifest (real tasks)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace this site's existing key (its signed certificate is removed)."),
 ) -> None:
     """Check local data, make this site's key (kept here) and certificate request (to send)."""
     from fedfair_med.runtime.openfl.workspace import (
         FederationError, bundle_site, load_plan, make_certificate_request, open_bundle, plan_spec,
+        refuse_new_key,
     )
 
     def act() -> Path:
@@ -139,13 +145,14 @@ def collaborator_setup(
             raise FederationError(f"{name!r} is not a site of this federation (sites: {', '.join(spec['sites'])})")
         if bundle_site(folder) != name:
             raise FederationError(f"this bundle was made for site {bundle_site(folder)!r}, not {name!r}")
+        refuse_new_key(folder, name, force)  # before anything else is made
         if manifest is not None:
             _check_manifest(manifest, spec["run"]["task"], name)
         if spec.get("secure_aggregation"):
             from fedfair_med.runtime.openfl.secure import make_site_keys
 
             make_site_keys(folder, name)
-        return make_certificate_request(folder, name)
+        return make_certificate_request(folder, name, force=force)
 
     request = _guard(act)
     console.print(f"[green]✓[/green] key kept in {request.with_suffix('.key')} (never send it)")
@@ -200,8 +207,12 @@ def aggregator_start(
     from fedfair_med.runtime.openfl.process import run_aggregator
 
     console.print(f"aggregator serving {workspace}{' (resuming)' if resume else ''} …")
+    def warn(line: str) -> None:
+        err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+
     run_dir = _guard(lambda: run_aggregator(workspace, timeout_s=timeout, finish_grace_s=finish_grace,
-                                            resume=resume, idle_timeout_s=idle_timeout))
+                                            resume=resume, idle_timeout_s=idle_timeout, warn=warn))
+
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     for line in lines:
         record = json.loads(line)
@@ -219,15 +230,21 @@ def collaborator_start(
     connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Give up after this many seconds without the aggregator."),
     call_timeout: float = typer.Option(
         300.0, "--call-timeout", help="Deadline of one call to the aggregator (then retried)."),
+    force: bool = typer.Option(
+        False, "--force", help="Let --certificate replace a different certificate already in the bundle."),
 ) -> None:
     """Join the federation: train, evaluate, send only weights and aggregate summaries."""
     from fedfair_med.runtime.openfl.process import run_collaborator
-    from fedfair_med.runtime.openfl.workspace import open_bundle
+    from fedfair_med.runtime.openfl.workspace import FederationError, check_site_credentials, open_bundle
 
     def act() -> Path:
         folder = open_bundle(bundle)
-        if certificate is not None:
+        if certificate is not None:  # checked before it is copied: the bundle's own stays intact
+            check_site_credentials(folder, name, certificate)
             target = folder / f"cert/client/col_{name}.crt"
+            if target.exists() and target.read_bytes() != certificate.read_bytes() and not force:
+                raise FederationError(f"{target} already holds another certificate for {name}; "
+                                      "use --force to replace it")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(certificate, target)
 

@@ -8,6 +8,7 @@ message per problem.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,8 @@ class RunConfig:
         except ValueError as err:
             problems.append(f"criterion: {err}")
         problems.extend(self._privacy_problems(REGISTRY))
+        if self.task in TASKS:
+            problems.extend(self._task_problems())
         if not problems and self.method in REGISTRY:
             try:
                 REGISTRY[self.method](**self.method_params)
@@ -122,6 +125,8 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and not number(value):
                 problems.append(f"{key}: must be a number, got {value!r}")
+            elif value is not None and not math.isfinite(value):  # .inf / .nan in YAML
+                problems.append(f"{key}: must be a finite number, got {value!r}")
         if self.attributes is not None and not (isinstance(self.attributes, list)
                                                 and all(isinstance(a, str) for a in self.attributes)):
             problems.append(f"attributes: must be a list of names, got {self.attributes!r}")
@@ -129,6 +134,20 @@ class RunConfig:
                 and all(number(e) and math.isfinite(e) for e in self.age_edges)):
             problems.append(f"age_edges: must be a non-empty list of finite numbers, got {self.age_edges!r}")
         return problems
+
+    def _task_problems(self) -> list[str]:
+        """``data`` holds options the task knows, with usable values, and the network (when one
+        is chosen) builds and gives the task's output shape — said here, in one line each,
+        instead of a TypeError in a data loader or a shape error from torch mid-round."""
+        from fedfair_med.tasks import build_task
+
+        task = build_task(self.task)
+        problems = [f"data: {p}" for p in task.data_problems(self.data)]
+        if problems or (self.network is None and not self.network_kwargs):
+            return problems
+        problem = _network_problem(self.task, self.network, _canonical(self.network_kwargs),
+                                   _canonical(self.data))
+        return [problem] if problem else []
 
     def _privacy_problems(self, registry: Mapping[str, Any]) -> list[str]:
         """The ``privacy`` option is valid and protects something this method actually shares."""
@@ -147,6 +166,57 @@ class RunConfig:
                             "step changes gradients outside per-sample clipping, or mixes samples); "
                             f"use one of {list(DP_SGD_METHODS)}")
         return problems
+
+
+def _canonical(value: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def _network_problem(task_name: str, network: str | None, kwargs_json: str, data_json: str) -> str | None:
+    """Why the chosen network does not fit the task, or None (one tiny forward pass, cached)."""
+    import json
+
+    import torch
+
+    from fedfair_med.models import NETWORKS
+    from fedfair_med.tasks import build_task
+    from fedfair_med.tasks.base import SEGMENTATION
+
+    task = build_task(task_name)
+    name = network or task.defaults.network
+    kwargs = json.loads(kwargs_json)
+    if name not in NETWORKS:
+        return f"network: unknown network {name!r}; choose one of {sorted(NETWORKS)}"
+    channels = kwargs.get("channels")
+    if channels is not None and (not isinstance(channels, list) or len(channels) < 2
+                                 or not all(isinstance(c, int) and c > 0 for c in channels)):
+        return (f"network_kwargs.channels: {name} needs a list of at least two positive channel "
+                f"counts, one per level (e.g. [8, 16, 32]), got {channels!r}")
+    shown = f"network {name}" + (f" with network_kwargs {kwargs}" if kwargs else "")
+    try:
+        task.apply_model_options(json.loads(data_json))
+        model = task.build_model(network, **kwargs).eval()
+        size = tuple(getattr(task, "image_size", task.defaults.image_size))
+        with torch.no_grad():
+            out = model(torch.zeros(1, task.in_channels, *size))
+    except Exception as err:  # noqa: BLE001 - any failure of the builder is a configuration problem
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"{shown} does not work for task {task_name}: {detail}"
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    shape = tuple(getattr(logits, "shape", ()))
+    if task.kind == SEGMENTATION:
+        wanted = f"(1, 1, {', '.join(map(str, size))}) — a segmentation network"
+        fits = len(shape) == 2 + len(size) and shape[1] == 1
+    else:
+        wanted = "(1, 2) — a classification network"
+        fits = shape == (1, 2)
+    if not fits:
+        return (f"{shown}: its output has shape {shape}, but task {task_name} ({task.kind}) needs "
+                f"{wanted}, e.g. {task.defaults.network} (the task's default)")
+    return None
 
 
 #: Methods whose local loss is a mean of per-sample terms, so DP-SGD's per-sample clipping covers it.
@@ -168,11 +238,23 @@ def load_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> Run
     if not isinstance(raw, dict):
         raise ConfigError("configuration must be a mapping of keys to values")
     raw.pop("resolved", None)  # derived facts a run directory's run.yaml carries
+    unknown_keys(raw)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_mapping(raw)
+
+
+def unknown_keys(raw: Mapping[Any, Any]) -> None:
+    """Refuse keys that are not RunConfig fields, by name (the docs promise misspelt keys are
+    refused; the dataclass would say only "unexpected keyword argument")."""
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s) {unknown}; known keys: {sorted(known)}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+
+
+def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
+    """A validated :class:`RunConfig` from a mapping (a run.yaml, a plan's run block)."""
+    unknown_keys(raw)
     try:
         config = RunConfig(**raw)
     except TypeError as err:

@@ -28,6 +28,7 @@ Format (``docs/data.md`` has an example)::
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import math
@@ -68,15 +69,55 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
+#: Problems shown one per line before the rest are only counted (``data check --show``).
+SHOWN_PROBLEMS = 20
+
+
+def problem_lines(problems: Sequence[Problem], limit: int | None = SHOWN_PROBLEMS) -> list[str]:
+    """The first ``limit`` problems, one line each, then one line counting the rest by kind.
+
+    A manifest with 100,000 bad rows gives 21 lines, not 100,000 (``limit=None``: all)."""
+    problems = list(problems)
+    if limit is None or len(problems) <= limit:
+        return [str(p) for p in problems]
+    rest = problems[limit:]
+    kinds = collections.Counter(_problem_kind(p) for p in rest)
+    common = "; ".join(f"{n:,} × {kind}" for kind, n in kinds.most_common(3))
+    more = f"; {len(kinds) - 3} other kind(s)" if len(kinds) > 3 else ""
+    return [*(str(p) for p in problems[:limit]),
+            f"… and {len(rest):,} more problem(s) ({len(problems):,} in all; first {limit} shown): {common}{more}"]
+
+
+def _problem_kind(problem: Problem) -> str:
+    """A problem's message with its particulars (paths, numbers, quoted values) blanked."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", problem.message)
+    text = re.sub(r"\S*[/\\]\S*\.\w+|(?<!\w)/\S+", "…", text)
+    text = re.sub(r"\d+(\.\d+)?", "N", text)
+    return f"{problem.field}: {text}" if problem.field else text
+
+
+def _delimiter_hint(header_cells: Sequence[str]) -> str:
+    """A hint when the header is one cell holding another delimiter (a spreadsheet's export)."""
+    if len(header_cells) != 1:
+        return ""
+    for delimiter, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+        if delimiter in header_cells[0]:
+            return (f"; the header looks {name}-separated ({header_cells[0].strip()!r}): a manifest "
+                    "is comma-separated — re-save it as CSV with commas")
+    return ""
+
+
 class ManifestError(ValueError):
-    """A manifest that cannot be used; ``problems`` lists every reason, not just the first."""
+    """A manifest that cannot be used; ``problems`` lists every reason, not just the first.
+
+    Its message shows the first :data:`SHOWN_PROBLEMS` and counts the rest."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        super().__init__("\n".join(problem_lines(self.problems)))
 
     def __str__(self) -> str:
-        return "\n".join(str(p) for p in self.problems)
+        return "\n".join(problem_lines(self.problems))
 
 
 @dataclass(frozen=True)
@@ -260,7 +301,8 @@ def parse_manifest(path: str | Path, *, site: str | None = None) -> tuple[Manife
     if missing:
         fatal.append(Problem(shown, header_line, None,
                              f"missing required column(s) {', '.join(missing)}; "
-                             f"the header must include {','.join(REQUIRED_COLUMNS)}"))
+                             f"the header must include {','.join(REQUIRED_COLUMNS)}"
+                             f"{_delimiter_hint(header_cells)}"))
     if fatal:
         raise ManifestError(fatal)
 

@@ -54,6 +54,18 @@ def hard_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
     return torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1e-12), torch.ones_like(denom))
 
 
+def keyword_names(*functions: Any) -> set[str]:
+    """Named keyword parameters of ``functions`` (not ``self``, ``seed`` or ``**options``)."""
+    import inspect
+
+    names = set()
+    for function in functions:
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                names.add(parameter.name)
+    return names - {"self", "seed"}
+
+
 class Task:
     """Base class; subclasses set ``name``, ``kind``, ``defaults`` and implement data loading."""
 
@@ -65,6 +77,22 @@ class Task:
     @property
     def primary_metric(self) -> str:
         return "dice" if self.kind == SEGMENTATION else "accuracy"
+
+    # ---- data options ----------------------------------------------------------------------
+    def data_options(self) -> set[str]:
+        """Names ``config.data`` may hold: the keyword parameters of data loading and of every
+        ``configure`` in the class hierarchy (read from their signatures, so they cannot drift)."""
+        functions = [self.load_federation,
+                     *(vars(cls)["configure"] for cls in type(self).__mro__ if "configure" in vars(cls))]
+        return keyword_names(*functions)
+
+    def data_problems(self, data: Mapping[str, Any]) -> list[str]:
+        """What is wrong with ``config.data`` for this task, found without loading any data."""
+        unknown = sorted(set(data) - self.data_options())
+        if unknown:
+            return [f"unknown option(s) {unknown} for task {self.name!r}; "
+                    f"known: {sorted(self.data_options())}"]
+        return []
 
     # ---- model ---------------------------------------------------------------------------
     def apply_model_options(self, data: Mapping[str, Any]) -> None:

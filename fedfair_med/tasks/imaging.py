@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 
 from fedfair_med.data.federation import MISSING, Federation, SiteData, age_band
 from fedfair_med.data.manifest import Manifest, ManifestError, ManifestRow, load_manifest
-from fedfair_med.tasks.base import SEGMENTATION, Task, hard_dice, soft_dice_loss
+from fedfair_med.tasks.base import SEGMENTATION, Task, hard_dice, keyword_names, soft_dice_loss
 
 IMAGE, LABEL, FOV = "image", "label", "fov"
 #: Record keys that are never sensitive attributes.
@@ -333,6 +333,18 @@ class ImagingTask(Task):
             if len(size) != dims or min(size) < 8:
                 raise ValueError(f"task {self.name!r}: image_size must be {dims} sizes of at least 8, got {image_size!r}")
             self.image_size = size
+
+    def data_problems(self, data: Mapping[str, Any]) -> list[str]:
+        """Unknown names, then the values ``configure`` refuses (tried on a fresh task)."""
+        problems = super().data_problems(data)
+        if problems:
+            return problems
+        names = keyword_names(*(vars(cls)["configure"] for cls in type(self).__mro__ if "configure" in vars(cls)))
+        try:
+            type(self)().configure(**{k: v for k, v in data.items() if k in names})
+        except Exception as err:  # noqa: BLE001 - any refusal of a value is the user's to fix
+            problems.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        return problems
 
     # ---- transforms (subclasses) -----------------------------------------------------------
     def train_transforms(self) -> Compose:

@@ -28,11 +28,16 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import grpc
+# gRPC's C core writes its own log lines ("Invalid private key", handshake failures…) straight to
+# stderr; they say nothing a user can act on, and every such failure gets one clear line of ours.
+# GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings them back for debugging.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+import grpc  # noqa: E402
 from openfl.transport.grpc.aggregator_client import AggregatorGRPCClient
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,38 @@ class FederationTimeout(RuntimeError):
 
 class AggregatorUnreachable(RuntimeError):
     """A collaborator could not talk to the aggregator for too long (down, wrong CA, refused)."""
+
+
+class PlanMismatch(RuntimeError):
+    """The aggregator and a site hold different plans (OpenFL's federation id is the plan hash)."""
+
+
+#: Marks the aggregator's refusal of a site whose plan differs (a gRPC status detail).
+PLAN_MISMATCH = "plan mismatch"
+#: What OpenFL's own request check says when the plan hash in a header differs.
+_OPENFL_MISMATCH = ("does not match aggregator UUID", "Federation UUID in request header does not match")
+
+
+def plan_hash_of(federation_uuid: str) -> str:
+    """The plan-hash prefix in OpenFL's federation id ``<plan name>_<sha384[:8]>``."""
+    return federation_uuid.rsplit("_", 1)[-1]
+
+
+def _plan_mismatch_of(error: Any, ours: str) -> PlanMismatch | None:
+    """A site-side :class:`PlanMismatch` for an aggregator's refusal of this site's plan, or None."""
+    if not isinstance(error, grpc.RpcError) or not hasattr(error, "code"):
+        return None
+    details = str(error.details() or "")
+    if error.code() == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(PLAN_MISMATCH):
+        theirs = details.split("aggregator plan ", 1)[-1].split()[0].strip(";,)") if "aggregator plan " in details else "?"
+    elif error.code() == grpc.StatusCode.UNKNOWN and any(m in details for m in _OPENFL_MISMATCH):
+        theirs = "?"
+    else:
+        return None
+    return PlanMismatch(
+        f"the aggregator runs another plan (plan hash {theirs}) than this site's bundle (plan hash "
+        f"{ours}): the plan was changed at the centre after this bundle was issued; ask the "
+        "coordinating centre for the current bundle (or to restore the plan the bundles carry)")
 
 
 class BoundedBackoff:
@@ -77,8 +114,16 @@ class _CallDeadline(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInte
                    grpc.ClientCallDetails):
         pass
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, plan_hash: str = "?") -> None:
         self.timeout_s = float(timeout_s)
+        self.plan_hash = plan_hash
+
+    def _checked(self, outcome: Any) -> Any:
+        """An aggregator refusing this site's plan will refuse every retry: stop at once."""
+        mismatch = _plan_mismatch_of(outcome, self.plan_hash)
+        if mismatch is not None:
+            raise mismatch
+        return outcome
 
     def _with_deadline(self, details: Any) -> Any:
         if details.timeout is not None:
@@ -87,10 +132,10 @@ class _CallDeadline(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInte
                              getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._with_deadline(details), request)
+        return self._checked(continuation(self._with_deadline(details), request))
 
     def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._with_deadline(details), request_iterator)
+        return self._checked(continuation(self._with_deadline(details), request_iterator))
 
 
 class BoundedClient(AggregatorGRPCClient):
@@ -107,7 +152,8 @@ class BoundedClient(AggregatorGRPCClient):
     def _bound_stub(self) -> None:
         from openfl.protocols import aggregator_pb2_grpc
 
-        channel = grpc.intercept_channel(self.channel, _CallDeadline(self.call_timeout_s))
+        channel = grpc.intercept_channel(self.channel, _CallDeadline(
+            self.call_timeout_s, plan_hash_of(self.federation_uuid)))
         self.stub = aggregator_pb2_grpc.AggregatorStub(channel)
 
     def reconnect(self) -> None:
@@ -131,9 +177,70 @@ class BoundedClient(AggregatorGRPCClient):
         return self._ok(super().send_local_task_results(*args, **kwargs))
 
 
-def _quiet_openfl() -> None:
+def _quiet_openfl(log_file: Path | None = None) -> None:
+    """OpenFL's and gRPC's Python log records go to ``log_file`` (none on the console): every
+    failure a user must act on gets one line of ours instead."""
     for name in ("openfl", "grpc"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger_ = logging.getLogger(name)
+        for handler in [h for h in logger_.handlers if getattr(h, "_fedfair", False)]:
+            logger_.removeHandler(handler)
+            handler.close()
+        if log_file is None:
+            logger_.setLevel(logging.WARNING)
+            continue
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler._fedfair = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger_.addHandler(handler)
+        logger_.setLevel(logging.INFO)
+        logger_.propagate = False
+
+
+def _refuse_other_plans(server: Any, on_mismatch: Callable[[str, str], None],
+                        on_match: Callable[[str], None]) -> None:
+    """Refuse, at once and by name, a site whose plan differs from the aggregator's.
+
+    OpenFL puts the plan hash in every request header and rejects a different one with an
+    assertion (gRPC status UNKNOWN), which its client retries forever; the site cannot tell it
+    from an unreachable aggregator. Here the refusal is a FAILED_PRECONDITION saying "plan
+    mismatch" with both hashes, and the aggregator is told which site it was.
+    """
+    validate = server.validate_collaborator
+    aggregator = server.aggregator
+
+    def checked(request: Any, context: Any) -> None:
+        validate(request, context)  # the certificate's name is the sender's (mutual TLS)
+        header = request.header
+        site = header.sender
+        if header.federation_uuid == aggregator.federation_uuid and header.receiver == aggregator.uuid:
+            on_match(site)
+            return
+        theirs, ours = plan_hash_of(header.federation_uuid), plan_hash_of(aggregator.federation_uuid)
+        on_mismatch(site, f"site {site!r} holds another plan (plan hash {theirs}) than this aggregator "
+                          f"(plan hash {ours}): the plan was changed after the bundles were issued; "
+                          "restore it, or send every site the current bundle")
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{PLAN_MISMATCH}: site plan {theirs}, aggregator plan {ours}")
+
+    server.validate_collaborator = checked
+
+
+def _check_bundles_carry_the_plan(workspace: Path, warn: Callable[[str], None]) -> None:
+    """Warn when ``plan/`` changed after the bundles were made: their sites will be refused."""
+    fingerprint = plan_fingerprint(workspace / "plan")
+    stale = []
+    for site_json in sorted((workspace / "bundles").glob("*/site.json")):
+        try:
+            recorded = json.loads(site_json.read_text()).get("plan_sha256")
+        except ValueError:
+            continue
+        if recorded is not None and recorded != fingerprint:
+            stale.append(site_json.parent.name)
+    if stale:
+        warn(f"{workspace / 'plan'} changed after the bundles of {', '.join(stale)} were issued: "
+             "sites holding those bundles will be refused (plan mismatch); restore the plan, or "
+             "re-issue the bundles")
 
 
 def _parse(plan_dir: Path) -> Any:
@@ -224,22 +331,28 @@ def _resume_settings(workspace: Path, settings: dict, resume: bool) -> None:
 
 
 def run_aggregator(workspace: Path, *, timeout_s: float | None = None, finish_grace_s: float = 15.0,
-                   poll_s: float = 0.1, resume: bool = False, idle_timeout_s: float | None = 7200.0) -> Path:
+                   poll_s: float = 0.1, resume: bool = False, idle_timeout_s: float | None = 7200.0,
+                   warn: Callable[[str], None] | None = None) -> Path:
     """Serve the federation in ``workspace`` until it is finished; return its run directory.
 
     After every OpenFL round the aggregator checkpoints to ``save/resume.{pbuf,json}``;
-    ``resume=True`` continues from there (refused if the plan changed).
+    ``resume=True`` continues from there (refused if the plan changed). ``warn`` receives one
+    line per problem worth a look while serving (default: this module's logger); a site holding
+    another plan is named there at once, and when every site does the run stops with that reason.
+    OpenFL's and gRPC's own log lines go to ``WORKSPACE/logs/aggregator.log``.
     """
     from openfl.protocols import aggregator_pb2_grpc
     from openfl.transport.grpc.common import create_grpc_server
 
     from fedfair_med.runtime.openfl.workspace import FederationError
 
-    _quiet_openfl()
+    warn = warn or logger.warning
     workspace = Path(workspace).resolve()
     if not (workspace / "plan/plan.yaml").exists():
         raise FederationError(f"{workspace}: not a federation workspace (no plan/plan.yaml)")
+    _quiet_openfl(workspace / "logs/aggregator.log")
     plan = _parse(workspace / "plan")
+    _check_bundles_carry_the_plan(workspace, warn)
     settings = plan.config["aggregator"]["settings"]
     _check_secure_keys(workspace, settings["spec"])
     for key in ("init_state_path", "best_state_path", "last_state_path", "run_dir"):
@@ -249,10 +362,22 @@ def run_aggregator(workspace: Path, *, timeout_s: float | None = None, finish_gr
     host = plan.config["network"]["settings"]["agg_addr"].lower()
     _check_port_free(int(plan.config["network"]["settings"]["agg_port"]))
     cert = workspace / "cert"
-    server = plan.get_server(root_certificate=str(cert / "cert_chain.crt"),
-                             certificate=str(cert / f"server/agg_{host}.crt"),
-                             private_key=str(cert / f"server/agg_{host}.key"))
+    try:
+        server = plan.get_server(root_certificate=str(cert / "cert_chain.crt"),
+                                 certificate=str(cert / f"server/agg_{host}.crt"),
+                                 private_key=str(cert / f"server/agg_{host}.key"))
+    except TypeError as err:  # a setting the plan's class does not take (e.g. a misspelt key)
+        raise FederationError(f"{workspace / 'plan/plan.yaml'}: OpenFL cannot build the aggregator "
+                              f"from this plan: {err}") from None
     aggregator = server.aggregator
+    mismatched: dict[str, str] = {}
+
+    def on_mismatch(site: str, line: str) -> None:
+        if site not in mismatched:
+            warn(line)
+        mismatched[site] = line
+
+    _refuse_other_plans(server, on_mismatch, lambda site: mismatched.pop(site, None))
     grpc_server = create_grpc_server(server.uri, server.use_tls, server.private_key,
                                      server.certificate, server.root_certificate,
                                      server.require_client_auth, None)
@@ -269,10 +394,16 @@ def run_aggregator(workspace: Path, *, timeout_s: float | None = None, finish_gr
             elif (idle_timeout_s is not None and not aggregator.finished
                   and now - progress_at > idle_timeout_s):
                 waiting = sorted(set(aggregator.authorized_cols) - set(aggregator.collaborators_done))
+                stale = f"; {', '.join(sorted(mismatched))} hold(s) another plan" if mismatched else ""
                 raise FederationTimeout(
                     f"no site reported anything for {idle_timeout_s:g} s in OpenFL round "
-                    f"{aggregator.round_number} (still waiting for {', '.join(waiting) or 'nobody'}); "
+                    f"{aggregator.round_number} (still waiting for {', '.join(waiting) or 'nobody'}{stale}); "
                     "restart the missing sites, or resume later with --resume")
+            if mismatched and set(aggregator.authorized_cols) <= set(mismatched):
+                raise FederationError(
+                    f"plan mismatch: every site ({', '.join(sorted(mismatched))}) holds another plan "
+                    f"than {workspace / 'plan/plan.yaml'} (changed after the bundles were issued); "
+                    "restore the plan, or send every site the current bundle")
             if aggregator.failure:
                 raise FederationError(aggregator.failure)
             if aggregator.finished:
@@ -293,24 +424,29 @@ def run_collaborator(bundle: Path, name: str, *, manifest: str | Path | None = N
                      progress: Callable[[str, int, dict[str, Any]], None] | None = None) -> Path:
     """Take part in the federation described by ``bundle`` as site ``name``; return its run dir."""
     from fedfair_med.runtime.openfl.taskrunner import SiteTaskRunner
-    from fedfair_med.runtime.openfl.workspace import FederationError, plan_spec
+    from fedfair_med.runtime.openfl.workspace import (
+        FederationError, check_bundle_plan, check_site_credentials, plan_spec,
+    )
 
-    _quiet_openfl()
     bundle = Path(bundle).resolve()
     key = bundle / f"cert/client/col_{name}.key"
     crt = bundle / f"cert/client/col_{name}.crt"
-    for path, hint in ((key, "run `collaborator setup` first"),
-                       (crt, "ask the coordinating centre to certify this site's request")):
-        if not path.exists():
-            raise FederationError(f"{path} is missing: {hint}")
+    check_site_credentials(bundle, name)  # key, certificate, name and CA, before any connection
+    _quiet_openfl(bundle / "logs/collaborator.log")
     plan = _parse(bundle / "plan")
+    check_bundle_plan(bundle)
     spec = plan_spec(plan.config)
-    out_dir = bundle / "run"
-    runner = SiteTaskRunner(spec, site=name, manifest=manifest, out_dir=out_dir, progress=progress,
-                            bundle=bundle)
     args = plan.get_client_args(name, root_certificate=str(bundle / "cert/cert_chain.crt"),
                                 private_key=str(key), certificate=str(crt))
     client = BoundedClient(connect_timeout_s=connect_timeout_s, call_timeout_s=call_timeout_s, **args)
-    collaborator = plan.get_collaborator(name, task_runner=runner, client=client)
+    client.ping()  # a refused plan or certificate shows now, before any data is loaded
+    out_dir = bundle / "run"
+    runner = SiteTaskRunner(spec, site=name, manifest=manifest, out_dir=out_dir, progress=progress,
+                            bundle=bundle)
+    try:
+        collaborator = plan.get_collaborator(name, task_runner=runner, client=client)
+    except TypeError as err:  # a setting the plan's class does not take (e.g. a misspelt key)
+        raise FederationError(f"{bundle / 'plan/plan.yaml'}: OpenFL cannot build the collaborator "
+                              f"from this plan: {err}") from None
     collaborator.run()
     return out_dir

@@ -32,7 +32,7 @@ import jinja2
 import yaml
 
 from fedfair_med.algorithms import REGISTRY, build_algorithm
-from fedfair_med.config import ConfigError, RunConfig
+from fedfair_med.config import ConfigError, RunConfig, config_from_mapping
 from fedfair_med.data.federation import age_band
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
@@ -148,9 +148,7 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
     params.update((overrides or {}).get("method_params") or {})
     raw["method_params"] = params
     try:
-        config = RunConfig(**raw).validate()
-    except TypeError as err:
-        raise FederationError(f"configuration: {err}") from None
+        config = config_from_mapping(raw)
     except ConfigError as err:
         raise FederationError(str(err).replace("\n", " ")) from None
     if secure_aggregation:
@@ -249,16 +247,44 @@ def check_plan(plan: Any, path: Path | str = "plan", cols: Any = None) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise FederationError(f"{path}: schedule.rounds must be a positive integer, got {rounds!r}")
     try:
-        RunConfig(**run).validate()
-    except TypeError as err:
-        raise FederationError(f"{path}: run configuration: {err}") from None
+        config_from_mapping(run)
     except ConfigError as err:
-        raise FederationError(f"{path}: {str(err).replace(chr(10), ' ')}") from None
+        raise FederationError(f"{path}: fedfair.settings.spec.run: {str(err).replace(chr(10), ' ')}") from None
+    problem = template_problem(plan)
+    if problem is not None:
+        raise FederationError(f"{path}: {problem}")
+
     if cols is not None:
         listed = (cols or {}).get("collaborators") if isinstance(cols, dict) else None
         if listed is None or sorted(map(str, listed)) != sorted(sites):
             raise FederationError(f"{Path(path).parent / 'cols.yaml'}: collaborators {listed} do not match "
                                   f"the plan's sites {sites}")
+
+
+def template_problem(plan: Any, where: str = "") -> str | None:
+    """The first ``template`` in the plan naming a class that does not exist, said with a
+    suggestion (OpenFL would fail much later, in a long AttributeError traceback)."""
+    import difflib
+    import importlib
+
+    items = plan.items() if isinstance(plan, dict) else []
+    for key, value in items:
+        here = f"{where}.{key}" if where else str(key)
+        if key == "template" and isinstance(value, str):
+            module_name, _, class_name = value.rpartition(".")
+            try:
+                module = importlib.import_module(module_name)
+            except (ImportError, ValueError):
+                return f"{here} {value!r}: no module {module_name!r}"
+            if not hasattr(module, class_name):
+                close = difflib.get_close_matches(class_name, dir(module), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                return f"{here} {value!r}: {module_name} has no class {class_name!r}{hint}"
+        elif isinstance(value, dict):
+            problem = template_problem(value, here)
+            if problem is not None:
+                return problem
+    return None
 
 
 def plan_spec(plan: Mapping[str, Any]) -> dict[str, Any]:
@@ -330,16 +356,98 @@ def certify_aggregator(cert_dir: Path, host: str) -> tuple[Path, Path]:
     return crt_path, key_path
 
 
-def make_certificate_request(bundle: Path, name: str) -> Path:
-    """At the hospital: a new private key (kept) and a certificate request (to send)."""
+def refuse_new_key(bundle: Path, name: str, force: bool = False) -> None:
+    """A site's key is made once: a new one would no longer match its signed certificate.
+
+    With ``force`` the old key and certificate are removed (the new request must be signed)."""
+    key_path = Path(bundle) / f"cert/client/col_{name}.key"
+    crt_path = key_path.with_suffix(".crt")
+    if not key_path.exists():
+        return
+    if not force:
+        signed = " and its signed certificate" if crt_path.exists() else ""
+        raise FederationError(f"{key_path} already exists: this site has its key{signed}; a new key "
+                              "would no longer match the certificate. Nothing changed; use --force "
+                              "to make a new key (then send the new request for signing)")
+    key_path.unlink()
+    crt_path.unlink(missing_ok=True)
+
+
+def make_certificate_request(bundle: Path, name: str, force: bool = False) -> Path:
+    """At the hospital: a new private key (kept) and a certificate request (to send).
+
+    Refuses to replace an existing key without ``force`` (see :func:`refuse_new_key`)."""
     from cryptography.hazmat.primitives import serialization
     from openfl.cryptography.participant import generate_csr
 
+    refuse_new_key(bundle, name, force)
     key, csr = generate_csr(name, server=False)
     _write_pem(bundle / f"cert/client/col_{name}.key", _key_pem(key), private=True)
     request = bundle / f"cert/client/col_{name}.csr"
     _write_pem(request, csr.public_bytes(serialization.Encoding.PEM))
     return request
+
+
+def check_site_credentials(bundle: Path, name: str, certificate: Path | None = None) -> None:
+    """Key ↔ certificate ↔ site name ↔ the bundle's CA, checked locally in milliseconds.
+
+    Each failure is one line naming the check that failed, instead of a TLS handshake that fails
+    somewhere else (the aggregator closes the connection; the site only sees silence).
+    ``certificate`` (default: the bundle's own) is checked before it is copied anywhere.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    bundle = Path(bundle)
+    key_path = bundle / f"cert/client/col_{name}.key"
+    crt_path = Path(certificate) if certificate is not None else bundle / f"cert/client/col_{name}.crt"
+    chain_path = bundle / "cert/cert_chain.crt"
+    if not key_path.exists():
+        raise FederationError(f"{key_path} is missing: run `collaborator setup` first")
+    if not crt_path.exists():
+        hint = ("no such file" if certificate is not None
+                else "ask the coordinating centre to certify this site's request, then pass --certificate")
+        raise FederationError(f"{crt_path} is missing: {hint}")
+    try:
+        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
+    except ValueError:
+        raise FederationError(f"certificate check: {crt_path} is not a PEM certificate") from None
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [name]:
+        raise FederationError(f"certificate check: {crt_path} is the certificate of "
+                              f"{', '.join(map(repr, names)) or 'no site'}, not of {name!r}")
+    try:
+        chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
+    except (OSError, ValueError):
+        raise FederationError(f"certificate check: {chain_path} (the federation's CA, from the "
+                              "bundle) is missing or unreadable; unpack the bundle again") from None
+    issuers = [ca for ca in chain if ca.subject == cert.issuer]
+    try:
+        if not issuers:
+            raise InvalidSignature
+        cert.verify_directly_issued_by(issuers[0])
+    except (InvalidSignature, ValueError, TypeError):
+        raise FederationError(f"certificate check: {crt_path} was not signed by this federation's "
+                              f"certificate authority ({chain_path}); use the certificate the "
+                              "coordinating centre signed for this site") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise FederationError(f"certificate check: {key_path} is not a readable private key") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.PEM, public)
+            != cert.public_key().public_bytes(serialization.Encoding.PEM, public)):
+        raise FederationError(f"certificate check: {crt_path} does not match this site's private key "
+                              f"{key_path} (was `collaborator setup` run again after the request "
+                              "was signed?); have the current request signed")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise FederationError(f"certificate check: {crt_path} is valid only from "
+                              f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 def request_name(request: Path) -> str:
@@ -421,6 +529,9 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
     write_initial_model(rendered, root / "save/init.pbuf")
     create_certificate_authority(root / "cert")
     certify_aggregator(root / "cert", host)
+    from fedfair_med.runtime.openfl.process import plan_fingerprint
+
+    fingerprint = plan_fingerprint(root / "plan")  # recorded so either side can tell an edited plan
     bundles = {}
     for site in sites:
         bundle = root / "bundles" / site
@@ -429,7 +540,8 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
             shutil.copyfile(root / rel, bundle / rel)
         (bundle / "cert").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / "cert/cert_chain.crt", bundle / "cert/cert_chain.crt")
-        (bundle / "site.json").write_text(json.dumps({"site": site, "federation": name}, indent=2))
+        (bundle / "site.json").write_text(json.dumps({"site": site, "federation": name,
+                                                      "plan_sha256": fingerprint}, indent=2))
         shutil.make_archive(str(bundle), "zip", root_dir=bundle)
         bundles[site] = bundle
     return FederationWorkspace(root, plan_path, bundles, rendered.config, rendered.spec)
@@ -447,6 +559,17 @@ def open_bundle(bundle: Path) -> Path:
     if not (bundle / "plan/plan.yaml").exists() or not (bundle / "site.json").exists():
         raise FederationError(f"{bundle}: not a site bundle (no plan/plan.yaml and site.json)")
     return bundle
+
+
+def check_bundle_plan(bundle: Path) -> None:
+    """The bundle's plan is the one the centre issued (``site.json`` records its fingerprint)."""
+    from fedfair_med.runtime.openfl.process import plan_fingerprint
+
+    recorded = json.loads((Path(bundle) / "site.json").read_text()).get("plan_sha256")
+    if recorded is not None and recorded != plan_fingerprint(Path(bundle) / "plan"):
+        raise FederationError(f"{Path(bundle) / 'plan'}: the plan was changed after the coordinating "
+                              "centre issued this bundle; unpack the bundle again (the aggregator "
+                              "would refuse this plan)")
 
 
 def bundle_site(bundle: Path) -> str:
