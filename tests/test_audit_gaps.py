@@ -141,3 +141,19 @@ def test_classification_report_carries_auc_calibration_and_decision_gaps():
     html = render_html(report, {}, [])
     assert 'id="decision-gaps"' in html and f"{report['overall']['auc']:.4f}" in html
     json.dumps(report, allow_nan=False)
+
+
+def test_federated_classification_report_without_predictions_still_renders():
+    """A federated run's report.json (no predictions, so no AUC/ECE) renders without those parts."""
+    from fedfair_med.reporting.render import render_html, render_markdown
+
+    report = {"kind": "classification", "primary_metric": "accuracy",
+              "overall": {"n": 30, "metric": 0.7, "ci95": [0.5, 0.8]},
+              "groups": [{"attribute": "site", "group": "a", "n": 30, "metric": 0.7,
+                          "ci95": [0.5, 0.8], "small": False, "positive_rate": 0.3,
+                          "mean_score": 0.4}],
+              "gaps": {"ea": 0.0, "dp:sex": 0.1}, "definitions": {}, "warnings": []}
+    html = render_html(report, {}, [])
+    markdown = render_markdown(report, {}, [])
+    assert "<th>positive rate</th>" in html and 'id="decision-gaps"' not in html
+    assert "| positive rate | mean score |" in markdown and "Discrimination" not in markdown

@@ -348,13 +348,17 @@ def render_markdown(
     definitions = report.get("definitions", {})
     for name, value in report["gaps"].items():
         lines.append(f"| `{_md(name)}` | {_fmt(value)} | {_md(definitions.get(name, ''))} |")
-    if classification:
+    quality = "auc" in overall  # absent from a federated run's report.json
+    if quality:
         lines += _decision_lines(report)
     head = f"| attribute | group | n | {metric_name} | 95% CI |"
     rule = "|---|---|---:|---:|---:|"
     if classification:
-        head += " positive rate | mean score | AUC | ECE |"
-        rule += "---:|---:|---:|---:|"
+        head += " positive rate | mean score |"
+        rule += "---:|---:|"
+    if quality:
+        head += " AUC | ECE |"
+        rule += "---:|---:|"
     lines += ["", "## Per-group results", "", head, rule]
     for row in report["groups"]:
         flag = " (small)" if row.get("small") else ""
@@ -362,8 +366,9 @@ def render_markdown(
                 f" | {_fmt(row['metric'])}"
                 f" | {_ci(row.get('ci95'))} |")
         if classification:
-            line += (f" {_fmt(row.get('positive_rate'))} | {_fmt(row.get('mean_score'))} |"
-                     f" {_fmt(row.get('auc'))} | {_fmt(row.get('ece'))} |")
+            line += f" {_fmt(row.get('positive_rate'))} | {_fmt(row.get('mean_score'))} |"
+        if quality:
+            line += f" {_fmt(row.get('auc'))} | {_fmt(row.get('ece'))} |"
         lines.append(line)
     if rounds:
         columns = _round_columns(rounds)
@@ -426,6 +431,9 @@ def render_html(
         subtitle=subtitle,
         primary_metric=metric_name,
         classification=report.get("kind") == "classification",
+        # AUC, calibration and decision gaps: in reports built from predictions, not in a
+        # federated run's report.json (its predictions stayed at the sites).
+        quality="auc" in report["overall"],
         overall=report["overall"],
         gaps=[{"name": k, "value": v, "definition": definitions.get(k, "")}
               for k, v in report["gaps"].items()],
