@@ -83,6 +83,10 @@ def init_federation_cmd(
     secure_aggregation: bool = typer.Option(
         False, "--secure-aggregation",
         help="Sites mask their updates; the aggregator only decodes sums over all sites."),
+    secure_threshold: Optional[int] = typer.Option(
+        None, "--secure-threshold",
+        help="With --secure-aggregation: t, the sites needed to remove a dropped site's masks "
+             "(n/2 < t <= n; default the smallest majority). Drop-outs need --straggler-timeout."),
 ) -> None:
     """Render the plan, create the certificate authority and one set-up bundle per site."""
     from fedfair_med.runtime.openfl.workspace import FederationError, init_federation
@@ -107,7 +111,7 @@ def init_federation_cmd(
         return init_federation(name, method=method, task=task, sites=site_list, host=aggregator_host,
                                port=port, overrides=overrides, workspaces_dir=workspaces_dir,
                                straggler_cutoff_s=straggler_timeout, min_sites=min_sites, force=force,
-                               secure_aggregation=secure_aggregation)
+                               secure_aggregation=secure_aggregation, secure_threshold=secure_threshold)
 
     ws = _guard(act)
     console.print(f"[green]✓[/green] federation [bold]{name}[/bold] ready in {ws.path}")

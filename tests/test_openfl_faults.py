@@ -32,7 +32,8 @@ from fedfair_med.runtime.openfl.protocol import (
     MODEL_BLOB, MODEL_TAG, SERVER_STATE, TRAINED_TAG, ModelLayout, expand_packed, pack_state, unpack_state,
 )
 from fedfair_med.runtime.openfl.secure import (
-    PUBLIC_KEY_PREFIX, SECURE_METHODS, make_site_keys, read_hex_key, summed_update,
+    PUBLIC_KEY_PREFIX, RELAY, SECAGG_TAG, SECURE_METHODS, SURVIVORS, TEST_EXIT_ENV, build_decision,
+    build_relay, make_site_keys, read_hex_key, summed_update,
 )
 from fedfair_med.runtime.openfl.taskrunner import SiteTaskRunner
 from fedfair_med.runtime.openfl.workspace import FederationError, render_plan
@@ -52,8 +53,15 @@ def said(result) -> str:
 
 
 # ---- secure aggregation, in-process ---------------------------------------------------------
-def _one_round(spec: dict, bundles: Path, task: str = "fedfair_train") -> tuple[dict, dict]:
-    """Every site trains once from the same start; MethodAggregation aggregates (as in OpenFL)."""
+def _one_round(spec: dict, bundles: Path, task: str = "fedfair_train",
+               dropped: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Every site trains once from the same start; MethodAggregation aggregates (as in OpenFL).
+
+    Under secure aggregation the round runs its three steps as the OpenFL runtime does: round
+    keys (relayed with the aggregator's own :func:`build_relay`), the masked task, then the
+    survivors' unmasking step (:func:`build_decision`). ``dropped`` sites sent their round keys
+    but never their update.
+    """
     config = RunConfig(**spec["run"])
     state0 = {k: v.detach().clone()
               for k, v in build_global_model(config, build_task(config.task)).state_dict().items()}
@@ -65,26 +73,39 @@ def _one_round(spec: dict, bundles: Path, task: str = "fedfair_train") -> tuple[
     layout = ModelLayout(state0)
     inputs = {MODEL_BLOB: layout.pack(state0), SERVER_STATE: pack_state(server)}
     rows = [(k, 0, (MODEL_TAG,), v) for k, v in inputs.items()]
-    sent = {}
-    for site in SITES:
-        runner = SiteTaskRunner(spec, site=site, bundle=bundles / site)
-        out, _ = getattr(runner, task)(col_name=site, round_num=0, input_tensor_dict=inputs)
+    runners = {site: SiteTaskRunner(spec, site=site, bundle=bundles / site) for site in SITES}
+    survivors = [s for s in SITES if s not in dropped]
+
+    def run(site: str, step: str, given: dict) -> dict:
+        out, _ = getattr(runners[site], step)(col_name=site, round_num=0, input_tensor_dict=given)
+        rows.extend((key.tensor_name, 0, tuple(sorted((*key.tags, site))), value) for key, value in out.items())
         # what the wire tensors carry, by name (the packed model and the packed task outputs)
         carried = expand_packed({(key.tensor_name, frozenset(key.tags)): value for key, value in out.items()},
                                 layout)
-        sent[site] = {name: value for (name, _), value in carried.items()}
-        rows += [(key.tensor_name, 0, tuple(sorted((*key.tags, site))), value) for key, value in out.items()]
+        return {name: value for (name, _), value in carried.items()}
+
+    secure = spec["schedule"].get("secure", False)
+    if secure:
+        relay = build_relay({site: run(site, "fedfair_secagg_keys", inputs) for site in SITES})
+        rows.append((RELAY, 0, (SECAGG_TAG,), relay))
+        inputs = {**inputs, RELAY: relay}
+    sent = {site: run(site, task, inputs) for site in survivors}
+    if secure:
+        decision = build_decision(SITES, survivors)
+        rows.append((SURVIVORS, 0, (SECAGG_TAG,), decision))
+        for site in survivors:
+            run(site, "fedfair_secagg_unmask", {**inputs, SURVIVORS: decision})
     table = pd.DataFrame(rows, columns=["tensor_name", "round", "tags", "nparray"])
     # OpenFL makes every AggregationFunction a per-process singleton: forget the previous one
     SingletonABCMeta._instances.pop(MethodAggregation, None)
     aggregation = MethodAggregation(spec)
     assert aggregation.spec.secure_aggregation == bool(spec.get("secure_aggregation"))
-    reporting = [SimpleNamespace(col_name=s) for s in SITES]
+    reporting = [SimpleNamespace(col_name=s) for s in survivors]
     result = {k: aggregation.call(reporting, table, k, 0, (TRAINED_TAG,)) for k in (MODEL_BLOB, SERVER_STATE)}
     return sent, {**layout.unpack(result[MODEL_BLOB]), SERVER_STATE: result[SERVER_STATE]}
 
 
-@pytest.mark.parametrize("method", ["fedavg", "flexfair-ea", "fedprox", "fairmixup", "dynamicfl"])
+@pytest.mark.parametrize("method", ["fedavg", "flexfair-ea", "fedprox", "fairmixup", "dynamicfl", "scaffold"])
 def test_secure_aggregation_gives_the_plain_aggregate_and_hides_every_site(tmp_path: Path, method: str) -> None:
     overrides = {**TINY, "method_params": {"lam": 2.0} if method.startswith("flexfair") else {}}
     secure = render_plan(method, task="synthetic-seg", sites=SITES, overrides=overrides, secure_aggregation=True)
@@ -121,6 +142,28 @@ def test_secure_aggregation_gives_the_plain_aggregate_and_hides_every_site(tmp_p
     partial = {s: masked_sent[s] for s in SITES[:2]}
     with pytest.raises(SecureSumError, match="did not report"):
         summed_update(partial, SITES, like, {s: 1 for s in SITES})
+
+
+@pytest.mark.parametrize("method", ["fedavg", "flexfair-ea"])
+def test_a_secure_round_with_a_dropped_site_aggregates_exactly_the_survivors(tmp_path: Path, method: str) -> None:
+    """site-c sends its round keys, then never its update: the survivors' key shares remove its
+    masks, and the aggregate is the plain aggregate of site-a and site-b."""
+    overrides = {**TINY, "method_params": {"lam": 2.0} if method.startswith("flexfair") else {}}
+    secure = render_plan(method, task="synthetic-seg", sites=SITES, overrides=overrides, secure_aggregation=True,
+                         straggler_cutoff_s=5)
+    plain = render_plan(method, task="synthetic-seg", sites=SITES, overrides=overrides)
+    for site in SITES:
+        make_site_keys(tmp_path / site, site)
+    _, secure_result = _one_round(secure.spec, tmp_path, dropped=("site-c",))
+    _, plain_result = _one_round(plain.spec, tmp_path, dropped=("site-c",))
+    _, all_three = _one_round(plain.spec, tmp_path)
+    for name in (k for k in plain_result if k != SERVER_STATE):
+        got, want = secure_result[name].astype(np.float64), plain_result[name].astype(np.float64)
+        assert np.allclose(got, want, rtol=1e-6, atol=2 * 2.0 ** -FRACTION_BITS), name
+    assert any(not np.allclose(plain_result[k], all_three[k]) for k in plain_result if k != SERVER_STATE)
+    got, want = unpack_state(secure_result[SERVER_STATE]), unpack_state(plain_result[SERVER_STATE])
+    for key in want:
+        assert torch.allclose(got[key].double(), want[key].double(), atol=1e-6), key
 
 
 def test_secure_statistics_phase_pools_the_same_group_statistics(tmp_path: Path) -> None:
@@ -162,11 +205,18 @@ def test_secure_federation_needs_every_sites_public_key(tmp_path: Path) -> None:
 
 
 def test_secure_aggregation_is_refused_where_it_cannot_work() -> None:
-    for method, reason in (("fednova", "per-site"), ("scaffold", "per-site"), ("fairfed", "per-site")):
+    for method, reason in (("fednova", "n_s / a_s"), ("fairfed", "per-site")):
         with pytest.raises(FederationError, match=reason):
             render_plan(method, task="synthetic-cls", sites=SITES, secure_aggregation=True)
-    with pytest.raises(FederationError, match="straggler"):
-        render_plan("fedavg", task="synthetic-cls", sites=SITES, secure_aggregation=True, straggler_cutoff_s=5)
+    for t in (1, 4):  # the rule n/2 < t <= n
+        with pytest.raises(FederationError, match="n/2 < t"):
+            render_plan("fedavg", task="synthetic-cls", sites=SITES, secure_aggregation=True, secure_threshold=t)
+    with pytest.raises(FederationError, match="below the secure-aggregation threshold 3"):
+        render_plan("fedavg", task="synthetic-cls", sites=SITES, secure_aggregation=True, secure_threshold=3,
+                    straggler_cutoff_s=5, min_sites=2)
+    plan = render_plan("fedavg", task="synthetic-cls", sites=SITES, secure_aggregation=True, straggler_cutoff_s=5)
+    assert plan.spec["secure_threshold"] == 2 and plan.plan["straggler_handling_policy"]["settings"] == {
+        "straggler_cutoff_time": 5, "minimum_reporting": 2}
     with pytest.raises(FederationError, match="two sites"):
         render_plan("fedavg", task="synthetic-cls", sites=["site-a"], secure_aggregation=True)
     assert {"fedavg", "flexfair"} <= set(SECURE_METHODS)
@@ -311,6 +361,62 @@ def test_secure_flexfair_federation_matches_the_simulation(tmp_path: Path) -> No
                            if not e["name"].endswith("num_batches_tracked"))
     sums = [e for e in wire if e["name"].startswith("extra/") and "flexfair" in e["name"]]
     assert sums and all(e["name"].startswith("extra/secure/") and e["dtype"] == "uint64" for e in sums)
+
+
+def _run_with_dropouts(tmp_path: Path, ws: Path, exits: str, aggregator_rc: int = 0) -> Processes:
+    """Run ``ws``; the sites in ``exits`` leave after receiving OpenFL round 0's keys (and
+    training) but before uploading (the test-only hook in runtime/openfl/secure.py)."""
+    with Processes(tmp_path) as procs:
+        procs.env[TEST_EXIT_ENV] = ",".join(f"{s}@0" for s in exits.split(","))
+        # generous bounds: four processes start up on a small shared machine (~40 s when idle)
+        procs.start("aggregator", "aggregator", "start", "--workspace", ws, "--timeout", 400,
+                    "--finish-grace", 2)
+        _start_sites(procs, ws, timeout=300)
+        assert procs.wait("aggregator", 420) == aggregator_rc, procs.log("aggregator")
+        for site in exits.split(","):
+            assert procs.wait(site, 30) == 17, procs.log(site)  # it left through the hook
+        if aggregator_rc == 0:
+            for site in sorted(set(SITES) - set(exits.split(","))):
+                assert procs.wait(site, 30) == 0, procs.log(site)
+    return procs
+
+
+def test_a_site_that_drops_after_the_round_keys_is_unmasked_by_the_survivors(tmp_path: Path) -> None:
+    config = {**TINY, "rounds": 1}
+    secure_ws = make_federation(tmp_path / "secure", "fedavg", config, "--secure-aggregation",
+                                "--straggler-timeout", "4")
+    plain_ws = make_federation(tmp_path / "plain", "fedavg", config, "--straggler-timeout", "4",
+                               "--min-sites", "2")
+    assert yaml.safe_load((secure_ws / "plan/plan.yaml").read_text())["fedfair"]["settings"]["spec"][
+        "secure_threshold"] == 2
+    secure = _run_with_dropouts(tmp_path / "secure", secure_ws, "site-c")
+    _run_with_dropouts(tmp_path / "plain", plain_ws, "site-c")
+    assert "removed the masks of dropped site(s) site-c" in secure.log("aggregator")
+    for ws in (secure_ws, plain_ws):
+        records = read_metrics(ws / "run")
+        assert [r["round"] for r in records] == [1] and records[0]["dropped"] == ["site-c"]
+        assert set(records[0]["train_loss"]) == {"site-a", "site-b"}
+    # the secure aggregate is the plain aggregate of the two survivors, to fixed-point precision
+    model, reference = torch.load(secure_ws / "run/model.pt"), torch.load(plain_ws / "run/model.pt")
+    assert model.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(model[name].double(), reference[name].double(), rtol=1e-6,
+                              atol=2 * 2.0 ** -FRACTION_BITS), name
+    wire = [json.loads(line) for line in (tmp_path / "secure/wire.jsonl").read_text().splitlines()]
+    revealed = [e for e in wire if e["kind"] == "content" and e["name"].startswith("secagg/reveal/")]
+    assert {(e["site"], e["name"]) for e in revealed} == {("site-a", "secagg/reveal/site-c"),
+                                                         ("site-b", "secagg/reveal/site-c")}
+    trained = [e for e in wire if e["kind"] == "content" and "trained" in e["tags"] and e["shape"] != [0]]
+    assert trained and all(e["dtype"] == "uint64" for e in trained if not e["name"].endswith("num_batches_tracked"))
+
+
+def test_below_the_threshold_a_secure_round_fails_naming_the_missing_sites(tmp_path: Path) -> None:
+    ws = make_federation(tmp_path, "fedavg", {**TINY, "rounds": 1}, "--secure-aggregation",
+                         "--straggler-timeout", "3", "--secure-threshold", "2")
+    procs = _run_with_dropouts(tmp_path, ws, "site-b,site-c", aggregator_rc=1)
+    assert ("only 1 of 3 sites uploaded their masked update within the 3 s straggler timeout, fewer "
+            "than the threshold 2; missing: site-b, site-c") in procs.log("aggregator")
+    assert not (ws / "run/model.pt").exists()
 
 
 def test_aggregator_killed_between_rounds_resumes_to_the_same_model(tmp_path: Path) -> None:

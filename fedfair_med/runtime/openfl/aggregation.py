@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from openfl.component.aggregator.aggregator import Aggregator
 from openfl.interface.aggregation_functions.core.interface import AggregationFunction
+from openfl.utilities import TensorKey
 
 from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.algorithms.base import ClientUpdate, StateDict
@@ -47,6 +48,8 @@ from fedfair_med.runtime.openfl.protocol import (
     TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
     MODEL_BLOB, ModelLayout, RoundTiming, expand_packed, BOOTSTRAP_PREFIX, bootstrap_replicates,
 )
+from fedfair_med.runtime.openfl import secure
+from fedfair_med.runtime.openfl.protocol import PACKED, SECAGG_KEYS, STATISTICS, TRAIN, unpack_arrays
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
 from fedfair_med.runtime.rundir import RunDirectory
@@ -90,6 +93,7 @@ class MethodAggregation(AggregationFunction):
         super().__init__()
         self._privileged = True  # OpenFL passes the whole tensor table, not an iterator
         self.spec = FederationSpec.from_settings(spec)
+        self.spec_settings = dict(spec)
         self.config = self.spec.config()
         task = build_task(self.config.task)
         self.algorithm = build_algorithm(
@@ -159,14 +163,30 @@ class MethodAggregation(AggregationFunction):
 
         counts = {s: int(np.asarray(received(EXTRA_TAG, s).get(NUM_SAMPLES, 0))) for s in sites}
         new_state = global_state
+        decision_key = (secure.SURVIVORS, frozenset((secure.SECAGG_TAG,)))
+        unmask: dict[str, Any] = {}
+        if decision_key in rows:  # drop-out tolerant round: only the survivors' uploads count
+            decision = secure.read_decision(rows[decision_key])
+            sites = decision["survivors"]
+            counts = {s: int(np.asarray(received(EXTRA_TAG, s).get(NUM_SAMPLES, 0))) for s in sites}
+            revealed = {s: {n[len(secure.REVEAL_PREFIX):]: v for n, v in received(EXTRA_TAG, s).items()
+                            if n.startswith(secure.REVEAL_PREFIX)} for s in sites}
+            relay = rows[(secure.RELAY, frozenset((secure.SECAGG_TAG,)))]
+            task = TRAIN if train_round is not None else STATISTICS
+            unmask = {"unmasker": secure.round_unmasker(self.spec_settings, fl_round, relay, decision, revealed),
+                      "label": f"{fl_round}|{task}"}
+            if decision["dropped"]:
+                logger.warning("secure aggregation, OpenFL round %d: removed the masks of dropped site(s) %s "
+                               "with the survivors' key shares", fl_round, ", ".join(decision["dropped"]))
+        expected = sites if unmask else self.spec.sites
         if stats_round is not None:
             if self.algorithm.wants_statistics(stats_round, server_state):
                 by_site = {s: received(EXTRA_TAG, s) for s in sites}
-                summed = summed_update(by_site, self.spec.sites, None, counts)
+                summed = summed_update(by_site, expected, None, counts, **unmask)
                 server_state = self.algorithm.absorb_statistics(server_state, {PSEUDO_SITE: summed.extras})
         elif train_round is not None:
             by_site = {s: {**received(TRAINED_TAG, s), **received(EXTRA_TAG, s)} for s in sites}
-            summed = summed_update(by_site, self.spec.sites, global_state, counts)
+            summed = summed_update(by_site, expected, global_state, counts, **unmask)
             torch.manual_seed(derive_seed(self.config.seed, train_round, "server"))
             new_state, server_state = self.algorithm.aggregate(global_state, {PSEUDO_SITE: summed}, server_state)
         else:
@@ -203,6 +223,55 @@ class FedFairAggregator(Aggregator):
         self.plan_sha256 = plan_sha256
         if resume_from is not None:
             self._restore(Path(resume_from))
+
+    def get_aggregated_tensor(self, tensor_name: str, round_number: int, report: bool, tags: Any,
+                              require_lossless: bool, requested_by: str) -> Any:
+        """Secure aggregation's relayed keys and survivors are decided here (empty: not yet)."""
+        if tensor_name not in secure.SECAGG_WIRE:
+            return super().get_aggregated_tensor(tensor_name, round_number, report, tags,
+                                                 require_lossless, requested_by)
+        key = TensorKey(tensor_name, self.uuid, int(round_number), False, (secure.SECAGG_TAG,))
+        with self.lock:
+            value = self.tensor_db.get_tensor_from_cache(key)
+            if value is None and int(round_number) == self.round_number and not self.failure:
+                try:
+                    value = self._secagg_step(tensor_name, int(round_number))
+                except secure.SecureSumError as err:
+                    logger.error("%s", err)
+                    self.failure = str(err)
+                if value is not None:
+                    self.tensor_db.cache_tensor({key: value})
+        return self._nparray_to_named_tensor(key, value if value is not None else np.zeros(0, np.uint8),
+                                             send_model_deltas=False, compress_lossless=True)
+
+    def _secagg_step(self, name: str, k: int) -> np.ndarray | None:
+        """Decide a masked round's key relay or survivors (:class:`~.secure.DropoutGate`)."""
+        if not hasattr(self, "_secagg_gate"):
+            self._secagg_gate = secure.DropoutGate(self.spec.sites, secure.threshold(self.spec_settings),
+                                                   self.spec_settings.get("secure_cutoff_s"))
+        table = self.tensor_db.tensor_db
+
+        def sent(task: str, s: str) -> dict[str, np.ndarray]:
+            rows = table[(table["round"] == k) & (table["tensor_name"] == f"{PACKED}:{task}")]
+            for tags, value in zip(rows["tags"], rows["nparray"]):
+                if s in tags:
+                    return {n: v for (n, _), v in unpack_arrays(value).items()}
+            return {}
+
+        now = time.monotonic()
+        if name == secure.RELAY:
+            done = [s for s in self.authorized_cols if self._collaborator_task_completed(s, SECAGG_KEYS, k)]
+            masking = self._secagg_gate.decide("sent their round keys", k, done, self.spec.sites, now)
+            return None if masking is None else secure.build_relay({s: sent(SECAGG_KEYS, s) for s in masking})
+        relay = self.tensor_db.get_tensor_from_cache(
+            TensorKey(secure.RELAY, self.uuid, k, False, (secure.SECAGG_TAG,)))
+        if relay is None:
+            return None
+        masking = sorted(secure.read_relay(relay, "")[0])
+        task = TRAIN if self.spec.schedule.train_round(k) is not None else STATISTICS
+        done = [s for s in masking if self._collaborator_task_completed(s, task, k)]
+        survivors = self._secagg_gate.decide("uploaded their masked update", k, done, masking, now)
+        return None if survivors is None else secure.build_decision(masking, survivors)
 
     def _end_of_round_check(self) -> None:
         k = self.round_number

@@ -40,6 +40,8 @@ from openfl.component.assigner.assigner import Assigner
 from openfl.pipelines.pipeline import TransformationPipeline, Transformer
 
 TRAIN, EVALUATE, STATISTICS = "fedfair_train", "fedfair_evaluate", "fedfair_statistics"
+#: secure aggregation's key round (before a masked phase) and unmasking round (after it)
+SECAGG_KEYS, SECAGG_UNMASK = "fedfair_secagg_keys", "fedfair_secagg_unmask"
 SERVER_STATE = "__server_state__"
 EXTRA_PREFIX = "extra/"
 SUMMARY_PREFIX = "summary/"
@@ -273,6 +275,8 @@ class Schedule:
 
     rounds: int
     statistics: bool = False
+    #: secure aggregation: each masked phase is framed by SECAGG_KEYS and SECAGG_UNMASK
+    secure: bool = False
 
     @property
     def openfl_rounds(self) -> int:
@@ -286,6 +290,9 @@ class Schedule:
             out.append(STATISTICS)
         if self.train_round(k) is not None:
             out.append(TRAIN)
+        if self.secure and (STATISTICS in out or TRAIN in out):
+            out.insert(out.index(STATISTICS if STATISTICS in out else TRAIN), SECAGG_KEYS)
+            out.append(SECAGG_UNMASK)
         return out
 
     def train_round(self, k: int) -> int | None:
@@ -310,7 +317,8 @@ class PhaseAssigner(Assigner):
 
     def __init__(self, tasks: Any, authorized_cols: list[str], rounds_to_train: int,
                  schedule: Mapping[str, Any], **kwargs: Any) -> None:
-        self.schedule = Schedule(int(schedule["rounds"]), bool(schedule["statistics"]))
+        self.schedule = Schedule(int(schedule["rounds"]), bool(schedule["statistics"]),
+                                 bool(schedule.get("secure", False)))
         super().__init__(tasks, authorized_cols, rounds_to_train, **kwargs)
         self.define_task_assignments()
 
@@ -348,7 +356,8 @@ class FederationSpec:
                    group_vocabulary=list(spec["group_vocabulary"]),
                    attributes=list(spec["attributes"]),
                    schedule=Schedule(int(spec["schedule"]["rounds"]),
-                                     bool(spec["schedule"]["statistics"])),
+                                     bool(spec["schedule"]["statistics"]),
+                                     bool(spec["schedule"].get("secure", False))),
                    secure_aggregation=bool(spec.get("secure_aggregation", False)))
 
     def config(self) -> Any:

@@ -43,6 +43,7 @@ from fedfair_med.runtime.openfl.protocol import (
     to_torch, unpack_state, MODEL_BLOB, PACKED, ModelLayout, RoundTiming, pack_arrays, unpack_arrays,
     BOOTSTRAP_PREFIX, bootstrap_replicates,
 )
+from fedfair_med.runtime.openfl import secure
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
 from fedfair_med.runtime.memory import keep_freed_memory
 from fedfair_med.runtime.site import SiteRunner, build_global_model
@@ -100,7 +101,12 @@ class SiteTaskRunner(TaskRunner):
 
     # ---- what OpenFL asks a task runner --------------------------------------------------
     def get_required_tensorkeys_for_function(self, func_name: str, **kwargs: Any) -> list[TensorKey]:
-        return [TensorKey(k, "GLOBAL", 0, False, (MODEL_TAG,)) for k in (MODEL_BLOB, SERVER_STATE)]
+        keys = [TensorKey(k, "GLOBAL", 0, False, (MODEL_TAG,)) for k in (MODEL_BLOB, SERVER_STATE)]
+        if self.spec.schedule.secure:  # the masked round's relayed keys / the survivors
+            wanted = {TRAIN: secure.RELAY, STATISTICS: secure.RELAY, "fedfair_secagg_unmask": secure.SURVIVORS}
+            if func_name in wanted:
+                keys.append(TensorKey(wanted[func_name], "GLOBAL", 0, False, (secure.SECAGG_TAG,)))
+        return keys
 
     def initialize_tensorkeys_for_functions(self, with_opt_vars: bool = False) -> None:
         pass
@@ -125,6 +131,7 @@ class SiteTaskRunner(TaskRunner):
         global_state = {k: to_torch(v) for k, v in self.layout.unpack(input_tensor_dict[MODEL_BLOB]).items()}
         server_state = unpack_state(input_tensor_dict[SERVER_STATE])
         self._received_server_state = server_state
+        self._relay = input_tensor_dict.get(secure.RELAY)
         return global_state, split_public_keys(server_state)[1]
 
     def _masked(self, task: str, col_name: str, round_num: int, state: Mapping[str, torch.Tensor] | None,
@@ -133,8 +140,17 @@ class SiteTaskRunner(TaskRunner):
         step counters in the clear."""
         if self.bundle is None:
             raise ValueError("secure aggregation needs the site's bundle (its key-agreement key)")
-        party = make_party(self.spec_settings, self.site_runner.name, self.bundle, self._received_server_state)
+        if self.spec.schedule.secure:  # this round's keys, relayed (drop-out tolerant)
+            keys = getattr(self, "_round_keys", {}).get(round_num)
+            publics, _ = secure.read_relay(self._relay, self.site_runner.name)
+            if keys is None or publics.get(self.site_runner.name) != keys.public:
+                raise ValueError(f"secure aggregation: OpenFL round {round_num}: this site's round key "
+                                 "is not in the relay (it arrived after the straggler timeout)")
+            party = keys.party(publics)
+        else:
+            party = make_party(self.spec_settings, self.site_runner.name, self.bundle, self._received_server_state)
         masked, clear_state, clear = mask_update(party, round_num, task, state, num_samples, extras)
+        secure.exit_if_told(self.site_runner.name, round_num)
         tensors: dict[tuple[str, str], np.ndarray] = {}
         for name, value in {**masked, **clear_state}.items():
             tensors[(name, TRAINED_TAG if state is not None and name in state else EXTRA_TAG)] = value
@@ -176,6 +192,31 @@ class SiteTaskRunner(TaskRunner):
         server fills in itself (``_outputs`` adds the model placeholder beside it)."""
         return {(SERVER_STATE, TRAINED_TAG): np.zeros(0, dtype=np.uint8)}
 
+    # ---- secure aggregation's key and unmasking steps (runtime/openfl/secure.py) -----------
+    def fedfair_secagg_keys(self, col_name: str, round_num: int, input_tensor_dict: Mapping[str, np.ndarray],
+                            **kwargs: Any) -> tuple[dict, dict]:
+        """A fresh round key; its public half and encrypted shares go to the aggregator."""
+        if self.bundle is None:
+            raise ValueError("secure aggregation needs the site's bundle (its key-agreement key)")
+        self._inputs(input_tensor_dict)
+        keys = secure.make_round_keys(self.spec_settings, self.site_runner.name, self.bundle,
+                                      self._received_server_state, round_num)
+        self._round_keys = {round_num: keys}  # only this round's key is ever kept
+        tensors = {(name, EXTRA_TAG): value for name, value in secure.keys_message(keys).items()}
+        return self._outputs("fedfair_secagg_keys", col_name, round_num, tensors)
+
+    def fedfair_secagg_unmask(self, col_name: str, round_num: int, input_tensor_dict: Mapping[str, np.ndarray],
+                              **kwargs: Any) -> tuple[dict, dict]:
+        """Reveal the shares this site holds of the dropped sites' round keys (none: no drop-out)."""
+        decision = secure.read_decision(input_tensor_dict[secure.SURVIVORS])
+        keys = getattr(self, "_round_keys", {}).pop(round_num, None)
+        tensors: dict[tuple[str, str], np.ndarray] = {}
+        if keys is not None and decision["dropped"] and self.site_runner.name in decision["survivors"]:
+            _, to_me = secure.read_relay(self._relay, self.site_runner.name)
+            for dropped, share in keys.reveal(decision["dropped"], to_me, decision["survivors"]).items():
+                tensors[(secure.REVEAL_PREFIX + dropped, EXTRA_TAG)] = np.frombuffer(share, dtype=np.uint8).copy()
+        return self._outputs("fedfair_secagg_unmask", col_name, round_num, tensors)
+
     # ---- the three tasks ----------------------------------------------------------------
     def fedfair_train(self, col_name: str, round_num: int, input_tensor_dict: Mapping[str, np.ndarray],
                       **kwargs: Any) -> tuple[dict, dict]:
@@ -186,6 +227,7 @@ class SiteTaskRunner(TaskRunner):
         if self.spec.secure_aggregation:
             self._notify(TRAIN, method_round, {"loss": float(update.extras["loss"])})
             return self._masked(TRAIN, col_name, round_num, update.state, update.num_samples, update.extras)
+        secure.exit_if_told(self.site_runner.name, round_num)  # test-only drop-out, plain runs too
         # the model's tensors as they are: _outputs packs them into one copy
         tensors: dict[tuple[str, str], Any] = {(k, TRAINED_TAG): update.state[k] for k in self.model_keys}
         tensors.update(self._next_model_slot())
@@ -268,10 +310,23 @@ class FedFairCollaborator(Collaborator):
     def get_data_for_tensorkey(self, tensor_key: Any) -> Any:
         started = time.perf_counter()
         try:
+            if tensor_key.tensor_name in secure.SECAGG_WIRE:
+                return self._poll_secagg(tensor_key)
             return super().get_data_for_tensorkey(tensor_key)
         finally:
             self._add_time("fetch_s", started)
             self._timing.add("fetched_tensors", 1)
+
+    def _poll_secagg(self, tensor_key: Any) -> np.ndarray:
+        """Secure aggregation's relayed keys / survivors: the aggregator answers an empty tensor
+        until the step is decided, so ask again (20 ms, backing off to ``poll_interval_s``)."""
+        waits = 0
+        while True:
+            value = self.get_aggregated_tensor_from_aggregator(tensor_key, require_lossless=True)
+            if np.asarray(value).size:
+                return value
+            time.sleep(min(self.poll_interval_s, 0.02 * 1.5 ** waits))
+            waits += 1
 
     def do_task(self, task: Any, round_number: int) -> dict:
         started = time.perf_counter()

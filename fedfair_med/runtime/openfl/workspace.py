@@ -20,6 +20,7 @@ key. ``certify_request`` refuses any common name that is not a site of the plan.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -38,6 +39,7 @@ from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
     EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state, to_numpy,
 )
+from fedfair_med.runtime.openfl.protocol import SECAGG_KEYS, SECAGG_UNMASK
 from fedfair_med.runtime.site import build_global_model, resolve
 from fedfair_med.tasks import build_task
 
@@ -122,7 +124,8 @@ class RenderedPlan:
 def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "127.0.0.1",
                 port: int = 50051, overrides: Mapping[str, Any] | None = None,
                 straggler_cutoff_s: float | None = None, min_sites: int | None = None,
-                poll_interval_s: float = 0.2, secure_aggregation: bool = False) -> RenderedPlan:
+                poll_interval_s: float = 0.2, secure_aggregation: bool = False,
+                secure_threshold: int | None = None) -> RenderedPlan:
     """The complete plan for ``method`` with ``overrides`` (RunConfig keys) applied and checked."""
     sites = list(sites)
     duplicated = sorted({s for s in sites if sites.count(s) > 1})
@@ -134,6 +137,21 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
     check_address(host, port)
     if straggler_cutoff_s is not None and straggler_cutoff_s <= 0:
         raise FederationError("the straggler cutoff must be a positive number of seconds")
+    threshold = None
+    if secure_aggregation:  # t of n for the masks' key shares (privacy/secure_sum.py)
+        from fedfair_med.privacy.secure_sum import default_threshold, threshold_problem
+
+        threshold = default_threshold(len(sites)) if secure_threshold is None else int(secure_threshold)
+        problem = threshold_problem(threshold, len(sites))
+        if problem is not None:
+            raise FederationError(f"--secure-threshold: {problem}")
+        if min_sites is None:
+            min_sites = threshold
+        elif straggler_cutoff_s is not None and int(min_sites) < threshold:
+            raise FederationError(f"--min-sites {min_sites} is below the secure-aggregation threshold "
+                                  f"{threshold}: a round with fewer sites cannot be unmasked")
+    elif secure_threshold is not None:
+        raise FederationError("--secure-threshold needs --secure-aggregation")
     min_sites = len(sites) if min_sites is None else int(min_sites)
     if not 1 <= min_sites <= len(sites):
         raise FederationError(f"min-sites must be between 1 and {len(sites)}")
@@ -158,9 +176,6 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
         if problem is not None:
             raise FederationError(f"--secure-aggregation: cannot run {config.method}: {problem}; "
                                   "secure aggregation reveals only sums over all sites")
-        if straggler_cutoff_s is not None:
-            raise FederationError("--secure-aggregation cannot be combined with --straggler-timeout: "
-                                  "the masks cancel only when every site reports (no dropout recovery)")
         if len(sites) < 2:
             raise FederationError("--secure-aggregation needs at least two sites")
     task_obj = build_task(config.task)
@@ -176,10 +191,16 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
             "group_vocabulary": group_vocab, "attributes": attributes,
             "schedule": {"rounds": rounds, "statistics": statistics},
             "secure_aggregation": bool(secure_aggregation)}
+    if secure_aggregation:  # drop-out tolerant masked rounds (runtime/openfl/secure.py)
+        spec["schedule"]["secure"] = True
+        spec["secure_threshold"] = threshold
+        spec["secure_cutoff_s"] = straggler_cutoff_s
+        for step in (SECAGG_KEYS, SECAGG_UNMASK):
+            plan["tasks"][step] = {**copy.deepcopy(plan["tasks"][TRAIN]), "function": step}
     plan["aggregator"]["settings"]["rounds_to_train"] = schedule.openfl_rounds
     plan["aggregator"]["settings"]["spec"] = spec
     plan["assigner"]["settings"]["schedule"] = spec["schedule"]
-    for name in (TRAIN, EVALUATE, STATISTICS):
+    for name in (TRAIN, EVALUATE, STATISTICS, *((SECAGG_KEYS, SECAGG_UNMASK) if secure_aggregation else ())):
         plan["tasks"][name]["aggregation_type"]["settings"]["spec"] = spec
     if not statistics:
         plan["tasks"].pop(STATISTICS)
@@ -511,7 +532,7 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
                     workspaces_dir: Path = Path("workspaces"),
                     straggler_cutoff_s: float | None = None, min_sites: int | None = None,
                     poll_interval_s: float = 0.2, force: bool = False,
-                    secure_aggregation: bool = False) -> FederationWorkspace:
+                    secure_aggregation: bool = False, secure_threshold: int | None = None) -> FederationWorkspace:
     if not SITE_NAME.match(name):
         raise FederationError(f"federation name {name!r}: use letters, digits, '-', '_' or '.'")
     root = Path(workspaces_dir) / name
@@ -521,7 +542,8 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
         shutil.rmtree(root)
     rendered = render_plan(method, task=task, sites=sites, host=host, port=port, overrides=overrides,
                            straggler_cutoff_s=straggler_cutoff_s, min_sites=min_sites,
-                           poll_interval_s=poll_interval_s, secure_aggregation=secure_aggregation)
+                           poll_interval_s=poll_interval_s, secure_aggregation=secure_aggregation,
+                           secure_threshold=secure_threshold)
     plan_path = root / "plan/plan.yaml"
     dump_plan(rendered.plan, plan_path)
     (root / "plan/cols.yaml").write_text(yaml.safe_dump({"collaborators": list(sites)}))
