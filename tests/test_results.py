@@ -185,3 +185,34 @@ def test_committed_results_page_matches_what_render_generates():
     result = CliRunner().invoke(app, ["results", "render", str(REPO / "results"), "--doc", str(doc),
                                       "--check"])
     assert result.exit_code == 0, result.output
+
+
+def test_classification_study_shows_auc_calibration_and_decision_gaps(tmp_path: Path):
+    """A skin-like study: the page shows, at each selected setting, what the DP gap could hide."""
+    root = tmp_path / "results" / "skin"
+    root.mkdir(parents=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "skin", "base": {"task": "skin", "rounds": 1}, "seeds": [0, 1],
+        "methods": {"fedavg": {"method": "fedavg"}, "flexfair": {"method": "flexfair"}},
+        "select": {"gap": "dp:age_band"}, "reference": "flexfair"}))
+    # FlexFair: smaller DP gap on scores, but a worse ranking model (AUC 0.55 vs 0.80).
+    for label, auc, seed_gaps in (("fedavg", 0.80, (0.10, 0.12)), ("flexfair", 0.55, (0.02, 0.04))):
+        for seed, dp in enumerate(seed_gaps):
+            folder = root / label / "default" / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "run.yaml").write_text(yaml.safe_dump({
+                "method": label, "seed": seed,
+                "resolved": {"kind": "classification", "primary_metric": "accuracy"}}))
+            record = {"round": 1, "metric": 0.8, "gaps": {"ea": 0.1, "dp:age_band": dp},
+                      "val": {"metric": 0.8, "gaps": {"ea": 0.1, "dp:age_band": dp}}}
+            (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+            (folder / "report.json").write_text(json.dumps({
+                "overall": {"auc": auc + 0.01 * seed, "ece": 0.1},
+                "decision_gaps": {"dp:age_band": 0.3 + seed * 0.1},
+                "groups": [{"attribute": "age_band", "group": "<=60", "auc": auc},
+                           {"attribute": "age_band", "group": ">60", "auc": None},
+                           {"attribute": "sex", "group": "male", "auc": 0.9}]}))
+    text = render_section(tmp_path / "results")
+    assert "| method | setting | ROC AUC | ECE | DP:AGE_BAND gap on decisions | AUC age_band=<=60 | AUC age_band=>60 |" in text
+    assert "| flexfair | default | 0.555 | 0.100 | 0.350 | 0.550 | — |" in text
+    assert "| fedavg | default | 0.805 | 0.100 | 0.350 | 0.800 | — |" in text

@@ -276,6 +276,8 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     lines += ["**(a) Primary protocol** (validation-selected setting, last-round test numbers).", "",
               table_markdown(table, caption(sweep.selection, len(sweep.seeds), metric_name,
                                             sweep.reference), metric_name, gap).rstrip(), ""]
+    if sweep.kind == "classification":
+        lines += quality_lines(study, chosen, gap)
     top = top_k_protocol(load_rounds(study), gap, k)
     lines += [f"**(b) The paper's protocol** (selects on the test split: for each seed the top "
               f"{k} test results over every round and setting of the method, ranked by test "
@@ -294,6 +296,48 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     if plot_link:
         lines += [f"![{study.name} Pareto plot]({plot_link})", ""]
     return "\n".join(lines) + "\n"
+
+
+def quality_lines(study: Study, chosen: pd.DataFrame, gap: str) -> list[str]:
+    """Classification: what a small score gap could hide, at each selected setting.
+
+    From each run's report.json (the last round's audit): pooled ROC AUC and calibration error,
+    the selection gap on thresholded decisions, and the AUC within each group of the gap's
+    attribute — mean over seeds.
+    """
+    attribute = gap.partition(":")[2]
+    rows, groups = [], []
+    for _, pick in chosen.iterrows():
+        reports = [json.loads((run.summary_path(study.path) / "report.json").read_text())
+                   for run in study.sweep.runs
+                   if run.label == pick["label"] and run.point == pick["point"]]
+
+        def mean(values: list[Any]) -> float:
+            finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+            return float(np.mean(finite)) if finite else math.nan
+
+        per_group: dict[str, list[Any]] = {}
+        for report in reports:
+            for row in report.get("groups", []):
+                if row.get("attribute") == attribute:
+                    per_group.setdefault(str(row["group"]), []).append(row.get("auc"))
+        groups.extend(g for g in per_group if g not in groups)
+        rows.append((pick["label"], pick["point"],
+                     mean([r.get("overall", {}).get("auc") for r in reports]),
+                     mean([r.get("overall", {}).get("ece") for r in reports]),
+                     mean([(r.get("decision_gaps") or {}).get(gap) for r in reports]),
+                     {g: mean(v) for g, v in per_group.items()}))
+    head = (f"| method | setting | ROC AUC | ECE | {gap.upper()} gap on decisions | "
+            + " | ".join(f"AUC {attribute}={g}" for g in groups) + " |")
+    lines = ["At the selected settings, what a small gap on scores could hide (mean over seeds "
+             "of each run's last-round report: AUC, calibration error, the gap on thresholded "
+             "decisions, AUC within each group).", "", head,
+             "|---|---|" + "---:|" * (3 + len(groups))]
+    for label, point, auc, ece, decision, per_group_auc in rows:
+        cells = [f"{v:.3f}" if math.isfinite(v) else "—"
+                 for v in (auc, ece, decision, *(per_group_auc.get(g, math.nan) for g in groups))]
+        lines.append(f"| {label} | {point} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def render_section(root: Path, plots: Path | None = None, plots_link: str | None = None,
