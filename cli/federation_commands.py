@@ -13,10 +13,14 @@ Errors are one clear line (exit code 1), never a traceback.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+# Before anything imports gRPC: its C core's own log lines stay off the console (see process.py).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import typer
 from rich.console import Console

@@ -47,6 +47,8 @@ TINY = "task: {task}\nmethod: fedavg\nrounds: 1\nmax_steps: 1\n"
                                                     "work for task synthetic-seg"),
     ("synthetic-seg", "network: resnet1000", "network: unknown network 'resnet1000'"),
     ("fundus", "data: {image_size: 4}", "image_size must be 2 sizes of at least 8"),
+    ("mri", "data: {pixdim: [1, .inf, 1]}", "data: pixdim: must be finite numbers, got [1, inf, 1]"),
+    ("skin", "data: {class_weights: [1, .nan]}", "data: class_weights: must be finite numbers"),
 ])
 def test_a_bad_run_configuration_is_one_line_before_anything_runs(tmp_path: Path, task: str, extra: str,
                                                                   message: str) -> None:

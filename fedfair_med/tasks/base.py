@@ -66,6 +66,19 @@ def keyword_names(*functions: Any) -> set[str]:
     return names - {"self", "seed"}
 
 
+def _all_finite(value: Any) -> bool:
+    """No inf/nan anywhere in a (nested) option value (YAML's .inf/.nan would fail much later)."""
+    import math
+
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return True
+
+
 class Task:
     """Base class; subclasses set ``name``, ``kind``, ``defaults`` and implement data loading."""
 
@@ -92,7 +105,8 @@ class Task:
         if unknown:
             return [f"unknown option(s) {unknown} for task {self.name!r}; "
                     f"known: {sorted(self.data_options())}"]
-        return []
+        return [f"{key}: must be finite numbers, got {value!r}" for key, value in data.items()
+                if not _all_finite(value)]
 
     # ---- model ---------------------------------------------------------------------------
     def apply_model_options(self, data: Mapping[str, Any]) -> None:
