@@ -141,14 +141,15 @@ class _NoNormNet(nn.Module):
         return self.body(x)
 
 
-def test_one_fresh_round_of_flexfair_equals_one_centralised_step() -> None:
+@pytest.mark.parametrize("mode", ["live", "linear"])
+def test_one_fresh_round_of_flexfair_equals_one_centralised_step(mode: str) -> None:
     """Fresh statistics + one full-batch SGD step per site + FedAvg = one pooled step of task + λP."""
     task = SyntheticSegmentation()
     federation = synthetic_segmentation(seed=5, scale=0.25)
     vocabulary = federation.group_vocabulary("site")
     obj = task.objective(Criterion("ea"))
     lam, lr = 2.0, 0.5
-    algorithm = build_algorithm("flexfair", lam=lam, statistics="fresh")
+    algorithm = build_algorithm("flexfair", lam=lam, statistics="fresh", penalty=mode)
     torch.manual_seed(0)
     model = _NoNormNet()
     start = float_state(model)
@@ -179,7 +180,8 @@ def test_one_fresh_round_of_flexfair_equals_one_centralised_step() -> None:
               "group": torch.cat([b["group"] for b in batches])}
     logits = model(pooled["image"])
     loss = obj.task_loss(logits, pooled) + lam * pooled_penalty(
-        obj.sample_risk(logits, pooled), pooled["group"], len(vocabulary))
+        obj.sample_risk(logits, pooled), pooled["group"], len(vocabulary),
+        weighting=algorithm.params["weighting"])
     model.zero_grad()
     loss.backward()
     with torch.no_grad():

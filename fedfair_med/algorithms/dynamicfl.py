@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from fedfair_med.algorithms.base import Algorithm, SiteContext
+from fedfair_med.algorithms.params import check_choice, check_number
 from fedfair_med.models.reparam import KERNEL_CHOICES, expand_convolutions, merge_convolutions
 
 
@@ -56,10 +57,8 @@ class DynamicFL(Algorithm):
                 f"capacity must map site names to branch counts (or be one int), got {capacity!r}"
             )
         for site, c in items:
-            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-                raise ValueError(f"capacity for {site!r} must be an integer >= 0, got {c!r}")
-        if self.params["kernel"] not in KERNEL_CHOICES:
-            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {self.params['kernel']!r}")
+            check_number(self.name, f"capacity for {site!r}", c, low=0, integer=True)
+        check_choice(self.name, "kernel", self.params["kernel"], KERNEL_CHOICES)
 
     def site_capacity(self, site: str) -> int:
         capacity = self.params["capacity"]

@@ -53,6 +53,7 @@ from fedfair_med.algorithms.base import (
     move_batch,
     num_examples,
 )
+from fedfair_med.algorithms.params import check_choice, check_number
 from fedfair_med.fairness.criteria import CRITERIA
 from fedfair_med.fairness.penalty import GroupStatistics, group_sums
 from fedfair_med.privacy.mechanism import clamp_noisy_statistics, clip_risk, privatize_group_statistics
@@ -76,11 +77,8 @@ class FairFed(Algorithm):
         return {"beta": 1.0, "criterion": "ea"}
 
     def validate_params(self) -> None:
-        beta = self.params["beta"]
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-        if self.params["criterion"] not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.params['criterion']!r}")
+        check_number(self.name, "beta", self.params["beta"], low=0.0)
+        check_choice(self.name, "criterion", self.params["criterion"], CRITERIA)
 
     # ---- statistics of the global model, sent with the update ---------------------------------
     def on_round_start(self, ctx: SiteContext, model: nn.Module, broadcast: StateDict,

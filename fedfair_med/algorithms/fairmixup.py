@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import Algorithm, SiteContext, StateDict
+from fedfair_med.algorithms.params import check_number
 from fedfair_med.data.federation import MISSING
 
 
@@ -105,9 +106,7 @@ class FairMixup(Algorithm):
         return {"weight": 0.1, "attribute": "sex"}
 
     def validate_params(self) -> None:
-        weight = self.params["weight"]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+        check_number(self.name, "weight", self.params["weight"], low=0.0)
         attribute = self.params["attribute"]
         if not isinstance(attribute, str) or not attribute or attribute == "site":
             raise ValueError(

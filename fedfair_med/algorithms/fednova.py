@@ -24,7 +24,6 @@ running variance could make it negative.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -38,6 +37,7 @@ from fedfair_med.algorithms.base import (
     SiteContext,
     StateDict,
 )
+from fedfair_med.algorithms.params import check_number
 
 NORMALISER = "fednova.a"
 PARAM_PREFIX = "fednova.param."
@@ -59,12 +59,8 @@ class FedNova(Algorithm):
         return {"rho": 0.0}
 
     def validate_params(self) -> None:
-        rho = self.params["rho"]
-        if (isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho)
-                or not 0.0 <= rho < 1.0):
-            raise ValueError(
-                f"fednova: rho (local SGD momentum) must satisfy 0 <= rho < 1, got {rho!r}"
-            )
+        check_number(self.name, "rho (local SGD momentum)", self.params["rho"], low=0.0, high=1.0,
+                     high_open=True)
 
     @property
     def rho(self) -> float:

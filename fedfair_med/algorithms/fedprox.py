@@ -17,13 +17,13 @@ checks for finiteness stays the task loss.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import Algorithm, SiteContext, StateDict
+from fedfair_med.algorithms.params import check_number
 
 
 class FedProx(Algorithm):
@@ -39,9 +39,7 @@ class FedProx(Algorithm):
         return {"mu": 0.01}
 
     def validate_params(self) -> None:
-        mu = self.params["mu"]
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
-            raise ValueError(f"fedprox: mu must be a finite number >= 0, got {mu!r}")
+        check_number(self.name, "mu", self.params["mu"], low=0.0)
 
     @property
     def mu(self) -> float:

@@ -1,26 +1,38 @@
 r"""FlexFair — Xing et al., "Achieving flexible fairness metrics in federated medical imaging",
 Nature Communications, 2025.
 
-Local objective at site s: task loss + λ · (site's share of P), where
-P = Σ_k (R_k − Σ_j w_j R_j)² is the weighted variance of per-group risks (see
-:mod:`fedfair_med.fairness.penalty` for the derivation). The criterion picks groups and risk:
-``ea`` — sites and Dice loss / CE; ``dp`` — a sensitive attribute and P(y=1); ``eo`` — the same
-on y = 1.
+Penalty P = Σ_k (R_k − Σ_j w_j R_j)² on federation-wide per-group risks (the criterion picks
+groups and risk: ``ea`` — sites and Dice loss / CE; ``dp`` — a sensitive attribute and P(y=1);
+``eo`` — the same on y = 1). See :mod:`fedfair_med.fairness.penalty` for the maths.
 
-Federated without coupling sites: the server holds only per-group *sums and counts*. From them
-it forms R_k, R̄ and one coefficient per group c_k = N g_k / N_k, and broadcasts c. A site adds
-λ · mean_i c_{k(i)} r_i to each batch loss; FedAvg's n_s/N weighting then sums the sites'
-expected gradients to exactly λ∇P. Statistics are either *fresh* (a forward-only pass of the
-global model over the training data before each round — the exact gradient, at the cost of one
-extra forward pass) or *carried* (accumulated during the previous round's training, no extra
-pass; the first round trains on the task loss alone, as there are no statistics yet).
-Carried statistics need no extra exchange, so they run unchanged over OpenFL. Sites send 2K
-numbers per round.
+Federated with O(K) numbers per round: sites send per-group risk sums and counts, the server adds
+them up and broadcasts the global sums S_k, counts N_k and the sites' total sample count N.
+
+``penalty: live`` (default). During local training site s keeps a *live* estimate of every
+global risk,
+
+    R_k^est(θ) = [S_k + (N / n_s) · (Ŝ_k^s(θ) − S_k^{s,0})] / N_k,
+
+where S_k^{s,0} is the site's own contribution to the broadcast sums (kept at the site, exact,
+never re-sent), Ŝ_k^s(θ) = N_k^s · (batch mean of group k's risk, with gradient; a detached
+running value while the group is absent from the batch), and adds λ · P(R^est) to each batch
+loss. P is re-evaluated at every step, so the penalty keeps its restoring force over many local
+steps. The N / n_s factor extrapolates the site's own change to the federation: FedAvg averages
+the sites' steps with weights n_s / N, so (a) at the round's start point the averaged gradient is
+exactly λ∇P, and (b) alike sites do not each close the whole gap and overshoot together.
+
+``penalty: linear`` is the earlier form, kept for comparison: a frozen coefficient per group
+c_k = N g_k / N_k from the round's start and the loss λ · mean_i c_{k(i)} r_i — exact gradient at
+the start point, no restoring force, so it overshoots or drifts over many local steps.
+
+Statistics are either *fresh* (a forward-only pass of the global model before each round) or
+*carried* (accumulated while training the previous round; round 1 trains on the task loss alone).
 
 With ``statistics_privacy`` set (the run's ``privacy`` option), each sample's risk is clipped to
 [0, C] and the 2K numbers get Gaussian noise before they leave the site
 (:func:`fedfair_med.privacy.privatize_group_statistics`); the server clamps the pooled noisy
-counts ≥ 1e-6 and sums to [0, C·count] before dividing.
+counts ≥ 1e-6 and sums to [0, C·count]. The live estimate uses only the site's own exact values
+locally, so it adds no privacy cost.
 """
 
 from __future__ import annotations
@@ -30,14 +42,23 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Algorithm, ClientUpdate, SiteContext, StateDict
+from fedfair_med.algorithms.base import Algorithm, ClientUpdate, SiteContext, StateDict, num_examples
+from fedfair_med.algorithms.params import check_choice, check_number
 from fedfair_med.fairness.penalty import (
-    WEIGHTINGS, GroupStatistics, group_sums, sample_coefficients, surrogate_penalty,
+    WEIGHTINGS, GroupStatistics, group_sums, group_weights, penalty, sample_coefficients,
+    surrogate_penalty,
 )
 from fedfair_med.privacy.mechanism import clamp_noisy_statistics, clip_risk, privatize_group_statistics
 from fedfair_med.privacy.settings import StatisticsPrivacy
 
 SUMS, COUNTS, COEF, TOTAL = "flexfair.sums", "flexfair.counts", "flexfair.coef", "flexfair.total"
+#: Σ of the sites' FedAvg weights n_s (training-set sizes) behind the broadcast statistics
+WEIGHT_TOTAL = "flexfair.weight_total"
+#: site_state keys: the site's own exact contribution to the statistics it last sent
+OWN_SUMS, OWN_COUNTS, OWN_ROUND = "own.sums", "own.counts", "own.round"
+PENALTIES = ("live", "linear")
+#: a group whose pooled (possibly noisy) count is below this is left out of the live penalty
+MIN_GROUP_COUNT = 1.0
 
 
 class FlexFair(Algorithm):
@@ -45,18 +66,21 @@ class FlexFair(Algorithm):
     #: Clip, σ and seed for DP group statistics; None (default) shares exact statistics.
     statistics_privacy: StatisticsPrivacy | None = None
 
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        #: fresh mode: each site's exact statistics at the round's start, (site, round) -> stats;
+        #: filled by client_statistics, taken by on_round_start (2K numbers per site, local)
+        self._fresh_own: dict[tuple[str, int], GroupStatistics] = {}
+
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
-        return {"lam": 1.0, "weighting": "uniform", "statistics": "carried"}
+        return {"lam": 1.0, "weighting": "proportional", "statistics": "carried", "penalty": "live"}
 
     def validate_params(self) -> None:
-        lam = self.params["lam"]
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
-            raise ValueError(f"flexfair: lam (λ) must be a number ≥ 0, got {lam!r}")
-        if self.params["weighting"] not in WEIGHTINGS:
-            raise ValueError(f"flexfair: weighting must be one of {WEIGHTINGS}")
-        if self.params["statistics"] not in ("fresh", "carried"):
-            raise ValueError("flexfair: statistics must be 'fresh' or 'carried'")
+        check_number(self.name, "lam", self.params["lam"], low=0.0)
+        check_choice(self.name, "weighting", self.params["weighting"], WEIGHTINGS)
+        check_choice(self.name, "statistics", self.params["statistics"], ("fresh", "carried"))
+        check_choice(self.name, "penalty", self.params["penalty"], PENALTIES)
 
     # ---- server ---------------------------------------------------------------------------
     def init_server_state(self, global_state: StateDict, sites: list[str]) -> StateDict:
@@ -65,29 +89,35 @@ class FlexFair(Algorithm):
     def wants_statistics(self, round_index: int, server_state: StateDict) -> bool:
         return self.params["statistics"] == "fresh"
 
-    def _with_coefficients(self, server_state: StateDict, stats: GroupStatistics,
-                           total: float) -> StateDict:
+    def _with_statistics(self, server_state: StateDict, stats: GroupStatistics,
+                         total: float, weight_total: float) -> StateDict:
         if self.statistics_privacy is not None:
             stats = GroupStatistics(*clamp_noisy_statistics(stats.sums, stats.counts,
                                                             self.statistics_privacy.clip))
         coef = sample_coefficients(stats, total, self.params["weighting"])
         return {**server_state, COEF: coef, SUMS: stats.sums, COUNTS: stats.counts,
-                TOTAL: torch.tensor(total, dtype=torch.float64)}
+                TOTAL: torch.tensor(total, dtype=torch.float64),
+                WEIGHT_TOTAL: torch.tensor(weight_total, dtype=torch.float64)}
 
     def absorb_statistics(self, server_state: StateDict,
                           statistics: Mapping[str, StateDict]) -> StateDict:
         stats, total = _pool(statistics)
-        return self._with_coefficients(server_state, stats, total)
+        return self._with_statistics(server_state, stats, total, total)  # a full pass: seen = n_s
 
     def broadcast(self, server_state: StateDict, site: str) -> StateDict:
-        return {COEF: server_state[COEF]} if COEF in server_state else {}
+        if COEF not in server_state:
+            return {}
+        if self.params["penalty"] == "linear":
+            return {COEF: server_state[COEF]}
+        return {k: server_state[k] for k in (SUMS, COUNTS, WEIGHT_TOTAL)}
 
     def update_server_state(self, server_state: StateDict, updates: Mapping[str, ClientUpdate],
                             weights: Mapping[str, float]) -> StateDict:
         if self.params["statistics"] != "carried":
             return server_state
         stats, total = _pool({s: u.extras for s, u in updates.items()})
-        return self._with_coefficients(server_state, stats, total)
+        weight_total = float(sum(u.num_samples for u in updates.values()))
+        return self._with_statistics(server_state, stats, total, weight_total)
 
     # ---- client ---------------------------------------------------------------------------
     def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:
@@ -97,6 +127,8 @@ class FlexFair(Algorithm):
             logits = model(batch["image"])
             acc = acc + self._batch_stats(batch, logits, ctx)
             n += len(batch["group"])
+        self._fresh_own = {key: v for key, v in self._fresh_own.items() if key[1] >= ctx.round}
+        self._fresh_own[(ctx.site, ctx.round)] = acc
         acc = self._privatize(acc, ctx, passes=1)
         return {SUMS: acc.sums, COUNTS: acc.counts, TOTAL: torch.tensor(float(n))}
 
@@ -110,26 +142,91 @@ class FlexFair(Algorithm):
             generator=privacy.generator(ctx.round, ctx.site), passes=passes)
         return GroupStatistics(sums, counts)
 
-    def _batch_stats(self, batch: Mapping[str, Any], logits: torch.Tensor,
-                     ctx: SiteContext) -> GroupStatistics:
+    def _risk(self, logits: torch.Tensor, batch: Mapping[str, Any], ctx: SiteContext) -> torch.Tensor:
         risk = ctx.objective.sample_risk(logits, batch)
         if self.statistics_privacy is not None:
-            risk = clip_risk(risk.detach(), self.statistics_privacy.clip)
-        return group_sums(risk, batch["group"], ctx.num_groups, ctx.objective.risk_mask(batch))
+            risk = clip_risk(risk, self.statistics_privacy.clip)
+        return risk
+
+    def _batch_stats(self, batch: Mapping[str, Any], logits: torch.Tensor,
+                     ctx: SiteContext) -> GroupStatistics:
+        risk = self._risk(logits.detach(), batch, ctx)
+        return group_sums(risk.cpu(), batch["group"].cpu(), ctx.num_groups,  # K sums on the CPU
+                          ctx.objective.risk_mask(batch).cpu())
 
     def on_round_start(self, ctx: SiteContext, model: nn.Module, broadcast: StateDict,
                        site_state: StateDict) -> None:
         self._coef = broadcast.get(COEF)
         self._acc = GroupStatistics.zeros(ctx.num_groups)
         self._seen = 0
+        self._live = None
+        if self.params["penalty"] == "live" and SUMS in broadcast:
+            self._live = self._live_state(ctx, broadcast, site_state)
+
+    def _live_state(self, ctx: SiteContext, broadcast: StateDict,
+                    site_state: StateDict) -> dict[str, torch.Tensor] | None:
+        """What the live estimate needs this round, or None when the site's own contribution to
+        the broadcast statistics is unknown (it missed the round they come from)."""
+        if self.params["statistics"] == "fresh":
+            own = self._fresh_own.pop((ctx.site, ctx.round), None)
+        elif OWN_ROUND in site_state and int(site_state[OWN_ROUND]) == ctx.round - 1:
+            own = GroupStatistics(site_state[OWN_SUMS], site_state[OWN_COUNTS])
+        else:
+            own = None
+        if own is None:
+            return None
+        n_site = float(num_examples(ctx.loader))
+        counts = broadcast[COUNTS].to(torch.float64)
+        return {
+            "sums": broadcast[SUMS].to(torch.float64), "counts": counts,
+            "weights": group_weights(torch.where(counts >= MIN_GROUP_COUNT, counts, 0.0),
+                                     self.params["weighting"]),
+            "scale": float(broadcast[WEIGHT_TOTAL]) / max(n_site, 1.0),  # N / n_s
+            "own_sums": own.sums, "own_counts": own.counts,
+            # the group means last seen at this site; start from its own contribution
+            "running": torch.where(own.counts > 0, own.sums / own.counts.clamp_min(1), 0.0),
+        }
+
+    def live_risks(self, risk: torch.Tensor, group: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """R_k^est for this batch (differentiable through the batch's risks); NaN for groups
+        with no samples in the federation. Updates the running means of the groups present."""
+        live = self._live
+        assert live is not None
+        k = live["counts"].numel()
+        group = group.reshape(-1).to(torch.long)
+        keep = group >= 0
+        if mask is not None:
+            keep = keep & mask.reshape(-1).to(torch.bool)
+        r = risk.reshape(-1)[keep].to(torch.float64)
+        g = group[keep]
+        n = torch.zeros(k, dtype=torch.float64).index_add_(0, g, torch.ones_like(r.detach()))
+        total = torch.zeros(k, dtype=torch.float64).index_add(0, g, r)
+        present = n > 0
+        batch_mean = total / n.clamp_min(1)
+        mean = torch.where(present, batch_mean, live["running"])
+        live["running"] = mean.detach()
+        counts = live["counts"].clamp_min(1e-12)
+        held = live["own_counts"] > 0
+        own_then = torch.where(held, live["own_sums"] / live["own_counts"].clamp_min(1), 0.0)
+        # R_k^est = [S_k + N/n_s · (N_k^s · mean_k − S_k^{s,0})] / N_k
+        scale = live["scale"] * live["own_counts"] / counts  # N/n_s · N_k^s / N_k
+        est = live["sums"] / counts + scale * (mean - own_then)
+        return torch.where(live["counts"] >= MIN_GROUP_COUNT, est, torch.nan)
 
     def extra_loss(self, model: nn.Module, batch: Mapping[str, Any], logits: torch.Tensor,
                    ctx: SiteContext) -> torch.Tensor | None:
-        if self._coef is None or self.params["lam"] == 0:
+        lam = self.params["lam"]
+        if lam == 0:
             return None
-        risk = ctx.objective.sample_risk(logits, batch)
         mask = ctx.objective.risk_mask(batch)
-        return self.params["lam"] * surrogate_penalty(risk, batch["group"], self._coef, mask)
+        if self._live is not None:
+            risks = self.live_risks(self._risk(logits, batch, ctx), batch["group"], mask)
+            return (lam * penalty(risks, self._live["weights"])).to(logits.dtype)
+        if self.params["penalty"] == "linear" and self._coef is not None:
+            risk = ctx.objective.sample_risk(logits, batch)
+            return lam * surrogate_penalty(risk, batch["group"], self._coef, mask)
+        return None
 
     def observe_batch(self, batch: Mapping[str, Any], logits: torch.Tensor, ctx: SiteContext) -> None:
         if self.params["statistics"] == "carried":
@@ -140,10 +237,12 @@ class FlexFair(Algorithm):
                       steps: int, site_state: StateDict) -> StateDict:
         if self.params["statistics"] != "carried":
             return {}
+        # the exact contribution stays here: next round's live estimate swaps it for a live one
+        site_state.update({OWN_SUMS: self._acc.sums, OWN_COUNTS: self._acc.counts,
+                           OWN_ROUND: torch.tensor(float(ctx.round))})
         # a sample enters the carried sums once per local epoch
-        self._acc = self._privatize(self._acc, ctx, passes=max(int(ctx.settings.epochs), 1))
-        return {SUMS: self._acc.sums, COUNTS: self._acc.counts,
-                TOTAL: torch.tensor(float(self._seen))}
+        sent = self._privatize(self._acc, ctx, passes=max(int(ctx.settings.epochs), 1))
+        return {SUMS: sent.sums, COUNTS: sent.counts, TOTAL: torch.tensor(float(self._seen))}
 
 
 def _pool(per_site: Mapping[str, StateDict]) -> tuple[GroupStatistics, float]:

@@ -23,7 +23,6 @@ BatchNorm running statistics are buffers, not gradient steps: they take FedAvg's
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -37,6 +36,7 @@ from fedfair_med.algorithms.base import (
     SiteContext,
     StateDict,
 )
+from fedfair_med.algorithms.params import check_number
 
 SERVER_C = "scaffold.c."  # server state / broadcast: c per state entry
 SITE_C = "scaffold.ci."  # site_state: the site's own c_i, never sent
@@ -60,9 +60,7 @@ class Scaffold(Algorithm):
         return {"server_lr": 1.0}
 
     def validate_params(self) -> None:
-        lr = self.params["server_lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"scaffold: server_lr must be a finite number > 0, got {lr!r}")
+        check_number(self.name, "server_lr", self.params["server_lr"], low=0.0, low_open=True)
 
     @property
     def server_lr(self) -> float:
