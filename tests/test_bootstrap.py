@@ -59,11 +59,17 @@ def test_tables_are_weighted_summaries_and_a_point_estimate_lies_inside_each_int
     pooled = predictions()
     site = pooled[pooled["site"] == "h2"]
     tables = site_replicates(site, VOCAB, site="h2", seed=0, replicates=50)
-    weights = replicate_weights(len(site), 50, seed=0, site="h2")
-    order = np.argsort(site["id"].to_numpy())
-    metric = site["metric"].to_numpy()[order]
+    weights = replicate_weights(site["id"].tolist(), 50, seed=0, site="h2")
+    metric = site["metric"].to_numpy()
     assert np.allclose(tables["overall"][:, 1], weights @ metric)
     assert np.allclose(tables["overall"][:, 0], weights.sum(axis=1))
+    # one sample fewer changes the tables by exactly that sample's weighted values (its own
+    # stream; every other sample keeps its weights), the neighbouring-dataset property DP needs
+    without = site_replicates(site.iloc[1:], VOCAB, site="h2", seed=0, replicates=50)
+    first = site.iloc[0]
+    assert np.allclose(tables["overall"] - without["overall"],
+                       np.outer(weights[:, 0], [1, first["metric"], first["score"], first["y_true"],
+                                                first["y_true"] * first["score"]]))
     assert weights.mean() == pytest.approx(1.0, abs=0.05) and weights.var() == pytest.approx(1.0, abs=0.1)
     point = combine_summaries({s: site_summary(pooled[pooled["site"] == s], ["site", "sex"]) for s in SITES},
                               classification=True)

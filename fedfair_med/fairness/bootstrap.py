@@ -16,9 +16,9 @@ P(ŷ=1) as the mean score for DP; the same restricted to y = 1 for EO), the pool
 EA / DP / EO exactly as :func:`~fedfair_med.fairness.aggregate.combine_summaries` does on the
 unweighted sums, and reports the percentile interval of each over the B replicates.
 
-Streams: site s's weights come from a PCG64 generator seeded by SHA-256 of (seed, site name,
-site secret), drawn replicate by replicate over the site's samples in id order, so the numbers
-do not depend on the order predictions are stored in. :func:`poisson_bootstrap` runs the same code
+Streams: sample i's B weights come from its own PCG64 generator, seeded by SHA-256 of (seed,
+site name, site secret, sample id), so the numbers do not depend on the order predictions are
+stored in, and adding or removing one sample changes no other sample's weights. :func:`poisson_bootstrap` runs the same code
 over pooled predictions (the in-process runtime); with the same seed and secrets it returns exactly
 what the federation reports. The site secret exists because the server knows the plan's seed: with
 a public stream it could regenerate every weight and, once B exceeds a group's size, solve the
@@ -48,20 +48,27 @@ __all__ = [
 #: One row of a replicate table: weighted count, metric sum, score sum, positives, score over positives.
 FIELDS = ("n", "metric", "score", "n_pos", "score_pos")
 DEFAULT_REPLICATES = 1000
-#: Replicates drawn at once, so a large site needs O(chunk × n) memory, not O(B × n).
-_CHUNK = 256
+#: Samples weighted at once, so a large site needs O(B × chunk) memory, not O(B × n).
+_CHUNK = 512
 
 
-def _stream_seed(seed: int, site: str, secret: str) -> int:
-    digest = hashlib.sha256(f"poisson-bootstrap/{int(seed)}/{site}/{secret}".encode()).digest()
+def _sample_seed(seed: int, site: str, secret: str, sample_id: str) -> int:
+    digest = hashlib.sha256(f"poisson-bootstrap/{int(seed)}/{site}/{secret}/{sample_id}".encode()).digest()
     return int.from_bytes(digest[:16], "little")
 
 
-def replicate_weights(n: int, replicates: int, *, seed: int, site: str, secret: str = "") -> np.ndarray:
-    """The [B, n] Poisson(1) weights of one site's n samples (id order) — for tests and audits."""
-    rng = np.random.Generator(np.random.PCG64(_stream_seed(seed, site, secret)))
-    return np.concatenate([rng.poisson(1.0, size=(min(_CHUNK, replicates - b), n)).astype(np.float64)
-                           for b in range(0, replicates, _CHUNK)]) if replicates else np.zeros((0, n))
+def replicate_weights(ids: Sequence[str], replicates: int, *, seed: int, site: str,
+                      secret: str = "") -> np.ndarray:
+    """The [B, n] Poisson(1) weights of the samples ``ids``: column i from sample i's own stream.
+
+    Keyed by the sample's id, so adding or removing one sample leaves every other sample's
+    weights unchanged (what the DP sensitivity below relies on) and row order does not matter.
+    """
+    out = np.empty((replicates, len(ids)), dtype=np.float64)
+    for i, sample_id in enumerate(ids):
+        rng = np.random.Generator(np.random.PCG64(_sample_seed(seed, site, secret, str(sample_id))))
+        out[:, i] = rng.poisson(1.0, size=replicates)
+    return out
 
 
 def _known(value: Any) -> bool:
@@ -145,19 +152,23 @@ def site_replicates(predictions: pd.DataFrame, vocabularies: Mapping[str, Sequen
                                      f"the federation's vocabulary {list(vocabulary)}")
                 index[i] = list(vocabulary).index(str(value))
         members[attribute] = index
-    weights = replicate_weights(n, replicates, seed=seed, site=site, secret=secret)
-    if privacy is not None:
-        bound = math.sqrt(3.0 * replicates)
-        norms = np.sqrt((weights ** 2).sum(axis=0))
-        weights = weights * np.minimum(1.0, bound / np.maximum(norms, 1e-12))[None, :]
-    tables = {"overall": weights @ values}
-    for attribute, vocabulary in vocabularies.items():
-        table = np.zeros((replicates, len(vocabulary), len(FIELDS)))
-        for g in range(len(vocabulary)):
-            rows = members[attribute] == g
-            if rows.any():
-                table[:, g] = weights[:, rows] @ values[rows]
-        tables[attribute] = table
+    ids = frame["_id"].tolist()
+    tables = {"overall": np.zeros((replicates, len(FIELDS)))}
+    tables.update({a: np.zeros((replicates, len(v), len(FIELDS))) for a, v in vocabularies.items()})
+    for start in range(0, n, _CHUNK):  # O(B × chunk) memory whatever the site's size
+        part = slice(start, min(n, start + _CHUNK))
+        weights = replicate_weights(ids[part], replicates, seed=seed, site=site, secret=secret)
+        if privacy is not None:  # each sample's weight vector in the L2 ball of radius √(3B)
+            bound = math.sqrt(3.0 * replicates)
+            norms = np.sqrt((weights ** 2).sum(axis=0))
+            weights = weights * np.minimum(1.0, bound / np.maximum(norms, 1e-12))[None, :]
+        tables["overall"] += weights @ values[part]
+        for attribute, vocabulary in vocabularies.items():
+            index = members[attribute][part]
+            for g in range(len(vocabulary)):
+                rows = index == g
+                if rows.any():
+                    tables[attribute][:, g] += weights[:, rows] @ values[part][rows]
     if privacy is not None:
         tables = privatize_replicates(tables, privacy, replicates=replicates,
                                       attributes=len(vocabularies))
