@@ -41,7 +41,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -404,8 +404,3 @@ def update_doc(doc: Path, section: str) -> bool:
         return False
     doc.write_text(before + section + after)
     return True
-
-
-def studies_summary(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
-    """(name, finished, planned) per results folder, for the CLI."""
-    return [(s.name, s.finished, s.planned) for s in map(load_study, paths)]
