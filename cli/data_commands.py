@@ -83,7 +83,6 @@ def check(
 ) -> None:
     """Open every file of a site manifest; print a summary, or the problems found (exit 1)."""
     limit = show or None
-
     console = _console()
     spec = task_format(task.value)
     try:
@@ -124,21 +123,50 @@ def import_(
                                      "0.15 (CVC-ClinicDB: as many videos as test). Test is unaffected."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split's shuffles."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split (quick tests)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing manifests whose content "
+                                                      "(e.g. the split) would change."),
 ) -> None:
-    """Write one manifest per site for a public dataset, pointing at SRC (nothing is copied)."""
+    """Write one manifest per site for a public dataset, pointing at SRC (nothing is copied).
+
+    Manifests are written beside OUT first; one that would replace an existing, different
+    manifest (another seed or fraction changes the test split under runs already made on it)
+    is refused without --force, and then nothing is written.
+    """
+    import os
+    import shutil
+
     if dataset.value == "dicom":  # a hospital's own series: one manifest, at OUT itself
-        _import_dicom(src, out, test_fraction, val_fraction, seed, False)
+        _import_dicom(src, out, test_fraction, val_fraction, seed, force)
         return
     console = _console()
+    staging = out / f".import-{os.getpid()}"
     try:
-        written = import_dataset(dataset.value, src, out, test_fraction=test_fraction, seed=seed, limit=limit,
-                                 val_fraction=val_fraction)
+        shutil.rmtree(staging, ignore_errors=True)
+        written = import_dataset(dataset.value, src, staging, test_fraction=test_fraction, seed=seed,
+                                 limit=limit, val_fraction=val_fraction)
+        targets = {site.site: out / site.manifest.relative_to(staging) for site in written}
+        changed = [name for site in written for name in [site.site]
+                   if targets[name].exists() and targets[name].read_bytes() != site.manifest.read_bytes()]
+        if changed and not force:
+            shutil.rmtree(staging, ignore_errors=True)
+            console.print(f"error: {', '.join(str(targets[n]) for n in changed)} already exist(s) "
+                          "with other content (another split would change the test set under "
+                          "runs already made); use another --out, or --force to replace",
+                          markup=False)
+            raise typer.Exit(1)
+        for site in written:
+            targets[site.site].parent.mkdir(parents=True, exist_ok=True)
+            os.replace(site.manifest, targets[site.site])
     except (DatasetLayoutError, ValueError, OSError) as exc:
         console.print(f"cannot import {dataset.value} from {src}: {exc}", markup=False)
         raise typer.Exit(1) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for site in written:
         counts = ", ".join(f"{n} {split}" for split, n in site.split_counts.items() if n)
-        console.print(f"wrote {site.manifest} (site '{site.site}', task {site.task}: {counts})", markup=False)
+        state = " (replaced)" if site.site in changed else ""
+        console.print(f"wrote {targets[site.site]}{state} (site '{site.site}', task {site.task}: "
+                      f"{counts})", markup=False)
 
 
 def _import_dicom(src: Path, out: Path, test_fraction: Optional[float], val_fraction: Optional[float],

@@ -75,9 +75,10 @@ def init_federation_cmd(
     sites: str = typer.Option(..., "--sites", help="Comma-separated site names."),
     aggregator_host: str = typer.Option("127.0.0.1", "--aggregator-host", help="Aggregator address sites connect to."),
     port: int = typer.Option(50051, "--port", help="Aggregator port."),
-    rounds: Optional[int] = typer.Option(None, "--rounds"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Federated rounds (default: the task's)."),
     lam: Optional[float] = typer.Option(None, "--lam", help="Penalty weight λ (methods that have one)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of splits, initial weights "
+                                                            "and batches (default 0); same seed, same numbers."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.yaml with RunConfig keys."),
     workspaces_dir: Path = typer.Option(Path("workspaces"), "--workspaces-dir"),
     straggler_timeout: Optional[float] = typer.Option(
@@ -232,9 +233,10 @@ def aggregator_start(
 @collaborator_app.command("start")
 def collaborator_start(
     bundle: Path = typer.Argument(..., help="This site's bundle folder (after setup)."),
-    name: str = typer.Option(..., "--name"),
+    name: str = typer.Option(..., "--name", help="This site's name, as in the plan (e.g. site-a)."),
     certificate: Optional[Path] = typer.Option(None, "--certificate", help="The signed col_SITE.crt, if not yet in the bundle."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="This site's data manifest CSV "
+                                                                    "(required for real tasks; synthetic tasks need none)."),
     connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Give up after this many seconds without the aggregator."),
     call_timeout: float = typer.Option(
         300.0, "--call-timeout", help="Deadline of one call to the aggregator (then retried)."),

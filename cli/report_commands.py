@@ -26,8 +26,33 @@ def _parse_edges(text: str) -> tuple[float, ...]:
 
 def _fail(message: str) -> NoReturn:
     # typer.echo, not Rich: Rich wraps long paths, and an error must read as one message.
+    # Exit 1 for every error a command reports itself (README "Exit codes").
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=1)
+
+
+def unfinished_run(run_dir: Path) -> str | None:
+    """Why ``run_dir`` must not be reported (a run still being written, or one that stopped
+    half-way), or None. Directories without status.json predate it and are taken as they are."""
+    from fedfair_med.runtime.rundir import STAGING_MARK, read_status
+
+    status = read_status(run_dir)
+    if status is None:
+        if STAGING_MARK in run_dir.name:
+            return f"{run_dir} is the unfinished staging directory of a run, not a run"
+        return None
+    if status.get("status") == "complete":
+        return None
+    return (f"{run_dir} holds an unfinished run (status {status.get('status')!r}, started "
+            f"{status.get('started', '?')}); its files are not a complete result")
+
+
+def default_audit_dir(model: Path, manifest: Path) -> Path:
+    """``audit-<model's run>-<site>``: importers name every manifest manifest.csv, so the site is
+    its folder's name, and the model's run keeps audits of different models apart."""
+    site = manifest.stem if manifest.stem != "manifest" else (manifest.resolve().parent.name or "site")
+    run = model.resolve().parent.name if model.stem == "model" else model.stem
+    return Path(f"audit-{run}-{site}")
 
 
 def _predict_like_a_round(task: Any, site: Any, model: Any) -> Any:
@@ -47,12 +72,19 @@ def _report_run(run_dir: Path, min_group_size: int, age_edges: Optional[str]) ->
 
     from fedfair_med.reporting.render import RunDirectoryError, print_summary, write_reports
 
+    why = unfinished_run(run_dir) if run_dir.is_dir() else None
+    if why:
+        _fail(why)
     try:
         edges = _parse_edges(age_edges if age_edges is not None else "60")
         paths = write_reports(run_dir, min_group_size=min_group_size, age_edges=edges)
     except (RunDirectoryError, ValueError, OSError) as error:
         _fail(str(error))
+    from fedfair_med.reporting.render import _title, load_config
+
     console = Console(highlight=False)
+    title, subtitle = _title(load_config(run_dir))
+    console.print(f"run {run_dir}: {title}" + (f" ({subtitle})" if subtitle else ""), markup=False)
     print_summary(json.loads(paths["json"].read_text(encoding="utf-8")), console)
     if not (run_dir / "predictions.csv").exists():
         console.print("no predictions.csv (they stayed at the sites): rendered the existing "
@@ -64,12 +96,17 @@ def _report_run(run_dir: Path, min_group_size: int, age_edges: Optional[str]) ->
 
 def _audit(model: Path, manifest: Path, task: Optional[str], attributes: list[str], split: str,
            network: Optional[str], run_yaml: Optional[Path], out: Optional[Path],
-           min_group_size: int, age_edges: Optional[str]) -> None:
+           min_group_size: int, age_edges: Optional[str], force: bool = False) -> None:
     from rich.console import Console
+
+    from fedfair_med.runtime.rundir import holds_run
 
     from fedfair_med.reporting.model_audit import AuditError, audit_model, read_run_settings
     from fedfair_med.reporting.render import print_summary
 
+    out = out if out is not None else default_audit_dir(model, manifest)
+    if holds_run(out) and not force:
+        _fail(f"{out} already holds files; give another --out, or --force to replace them")
     try:
         run = read_run_settings(run_yaml) if run_yaml is not None else {}
         if task and run.get("task") and task != run["task"]:
@@ -125,7 +162,10 @@ def register(app: typer.Typer) -> None:
             None, "--run-yaml", help="run.yaml of the run the model came from: task, network, "
                                      "network_kwargs, image options."),
         out: Optional[Path] = typer.Option(
-            None, "--out", help="Folder for the audit's files (default: audit-<manifest stem>)."),
+            None, "--out", help="Folder for the audit's files (default: audit-<model's run "
+                                "folder>-<site folder>)."),
+        force: bool = typer.Option(False, "--force", help="Replace the files of an earlier audit "
+                                                          "in the --out folder."),
         min_group_size: int = typer.Option(10, "--min-group-size", min=1,
                                            help="Flag groups with fewer test samples than this."),
         age_edges: Optional[str] = typer.Option(
@@ -149,4 +189,4 @@ def register(app: typer.Typer) -> None:
             _fail(f"a model audit needs both --model and --manifest (missing "
                   f"{'--model' if model is None else '--manifest'})")
         _audit(model, manifest, task, list(attribute or []), split, network, run_yaml, out,
-               min_group_size, age_edges)
+               min_group_size, age_edges, force)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -22,25 +23,73 @@ DEMO_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 class RichProgress:
-    """One progress bar per round, advanced by every local optimiser step at every site."""
+    """One progress bar per round, advanced by every local optimiser step at every site, then
+    by every test/val sample evaluated (evaluation can take longer than training)."""
 
     def __init__(self, progress: Progress, label: str) -> None:
         self.progress, self.label = progress, label
         self.task_id: Any = None
+        self.round = (0, 0)
 
-    def round_started(self, round_index: int, total_rounds: int, total_steps: int) -> None:
+    def _replace(self, description: str, total: int) -> None:
         if self.task_id is not None:
             self.progress.remove_task(self.task_id)
-        self.task_id = self.progress.add_task(
-            f"{self.label} round {round_index}/{total_rounds}", total=total_steps)
+        self.task_id = self.progress.add_task(description, total=total)
+
+    def round_started(self, round_index: int, total_rounds: int, total_steps: int) -> None:
+        self.round = (round_index, total_rounds)
+        self._replace(f"{self.label} round {round_index}/{total_rounds}", total_steps)
 
     def advance(self, steps: int) -> None:
         self.progress.advance(self.task_id, steps)
 
+    def evaluation_started(self, round_index: int, split: str, samples: int) -> None:
+        self._replace(f"{self.label} round {round_index}/{self.round[1]}: evaluating {split}",
+                      samples)
+
+    def evaluated(self, samples: int) -> None:
+        self.progress.advance(self.task_id, samples)
+
     def round_finished(self, round_index: int, record: dict[str, Any]) -> None:
         self.progress.update(self.task_id, description=(
-            f"{self.label} round {round_index}: metric {record['metric']:.3f}, "
-            f"EA {record['gaps']['ea']:.3f}"))
+            f"{self.label} round {round_index}: {round_summary(record)}"))
+
+
+def round_summary(record: dict[str, Any]) -> str:
+    """'metric 0.712, EA 0.034' — or 'not evaluated' for a round skipped by eval_every."""
+    if "metric" not in record:
+        return "not evaluated (eval_every)"
+    return f"metric {record['metric']:.3f}, EA {record['gaps']['ea']:.3f}"
+
+
+class LineProgress:
+    """One plain line per round (elapsed, ETA, metric, EA gap) where stdout is no terminal: a
+    log file or CI job must show the run is alive without a transient bar."""
+
+    def __init__(self, label: str, echo: Any = None) -> None:
+        self.label, self.echo = label, echo or (lambda line: typer.echo(line))
+        self.total_rounds = 0
+        self.started: float | None = None
+
+    def round_started(self, round_index: int, total_rounds: int, total_steps: int) -> None:
+        self.total_rounds = total_rounds
+        if self.started is None:
+            self.started = time.monotonic()
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def round_finished(self, round_index: int, record: dict[str, Any]) -> None:
+        elapsed = time.monotonic() - (self.started or time.monotonic())
+        eta = elapsed / round_index * (self.total_rounds - round_index)
+        self.echo(f"{self.label} round {round_index}/{self.total_rounds}: elapsed "
+                  f"{_clock(elapsed)}, ETA {_clock(eta)}, {round_summary(record)}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _progress() -> Progress:
@@ -48,11 +97,14 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=True)
 
 
-def run_with_progress(config: RunConfig, out: Path, label: str):
+def run_with_progress(config: RunConfig, out: Path, label: str, force: bool = False):
+    """Run with a live bar on a terminal, one line per round otherwise."""
     from fedfair_med.runtime.local import run_simulation
 
+    if not console.is_terminal:
+        return run_simulation(config, out, progress=LineProgress(label), force=force)
     with _progress() as progress:
-        return run_simulation(config, out, progress=RichProgress(progress, label))
+        return run_simulation(config, out, progress=RichProgress(progress, label), force=force)
 
 
 def site_table(results: dict[str, Any], metric_name: str) -> Table:
@@ -72,9 +124,37 @@ def site_table(results: dict[str, Any], metric_name: str) -> Table:
     return table
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
+    # Exit 1 for every error a command reports itself (README "Exit codes").
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(1)
+
+
+def default_run_name(config: RunConfig) -> str:
+    """``runs/NAME`` for a config that names no run: task, method, λ and seed, so flag-only
+    runs of different settings do not land in one directory (the same settings are refused)."""
+    if config.name != RunConfig.name:
+        return config.name
+    parts = [config.task, config.method]
+    if "lam" in config.method_params:
+        parts.append(f"lam{config.method_params['lam']:g}")
+    parts.append(f"seed{config.seed}")
+    return "-".join(parts)
+
+
+def _run_cli(config: RunConfig, target: Path, label: str, force: bool) -> Any:
+    """Run, turning refusals, failures and Ctrl-C into one line; ``target`` is then unchanged."""
+    from fedfair_med.runtime.rundir import RunExistsError
+
+    try:
+        return run_with_progress(config, target, label, force=force)
+    except RunExistsError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: nothing was written to {target}", err=True)
+        raise typer.Exit(130) from None
+    except (ValueError, OSError, FloatingPointError) as err:
+        _fail(f"{err}; nothing was written to {target}")
 
 
 def register(app: typer.Typer) -> None:
@@ -84,20 +164,27 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed (same seed, same numbers)."),
         rounds: Optional[int] = typer.Option(None, help="Rounds (default: the task's, 20)."),
         task: str = typer.Option("synthetic-seg", help="synthetic-seg or synthetic-cls."),
+        force: bool = typer.Option(False, "--force", help="Replace runs already in OUT."),
     ) -> None:
         """A 3-site federation on built-in synthetic data: FedAvg vs FlexFair, per-site table."""
+        from fedfair_med.runtime.rundir import RunExistsError, check_target
+
         criterion, attribute = ("ea", "site") if task == "synthetic-seg" else ("dp", "age_band")
-        results = {}
+        configs = {}
         for method, params in DEMO_METHODS:
             try:
                 config = load_config(
                     {"name": f"demo-{method}", "task": task, "method": method,
                      "method_params": params, "criterion": criterion, "attribute": attribute},
                     seed=seed, rounds=rounds)
-            except ConfigError as err:
+                check_target(out / method, force)  # before the first run, not after it
+            except (ConfigError, RunExistsError) as err:
                 _fail(str(err))
             label = method if not params else f"{method} (λ={params['lam']:g})"
-            results[label] = run_with_progress(config, out / method, label)
+            configs[label] = (method, config)
+        results = {}
+        for label, (method, config) in configs.items():
+            results[label] = _run_cli(config, out / method, label, force)
             console.print(f"[green]✓[/] {label}: run directory {out / method}")
         metric = "Dice" if task == "synthetic-seg" else "accuracy"
         console.print(site_table(results, metric))
@@ -111,31 +198,38 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def simulate(
         config_file: Optional[Path] = typer.Argument(None, help="Run configuration (YAML)."),
-        out: Optional[Path] = typer.Option(None, help="Run directory (default runs/NAME)."),
+        out: Optional[Path] = typer.Option(
+            None, help="Run directory (default runs/NAME; without a name in the config, "
+                       "runs/TASK-METHOD[-lamL]-seedS)."),
         task: Optional[str] = typer.Option(None, help="Task name, e.g. synthetic-seg, fundus."),
         method: Optional[str] = typer.Option(None, help="Method, e.g. fedavg, flexfair."),
-        seed: Optional[int] = typer.Option(None),
-        rounds: Optional[int] = typer.Option(None),
+        seed: Optional[int] = typer.Option(
+            None, help="Random seed of data splits, initial weights and batches (default: the "
+                       "config's, else 0); same config and seed, same numbers."),
+        rounds: Optional[int] = typer.Option(
+            None, help="Federated rounds (default: the config's, else the task's)."),
         lam: Optional[float] = typer.Option(None, help="FlexFair's penalty weight λ."),
         criterion: Optional[str] = typer.Option(None, help="ea, dp or eo."),
         attribute: Optional[str] = typer.Option(None, help="Sensitive attribute for dp/eo."),
         max_steps: Optional[int] = typer.Option(None, help="Cap on local steps per round."),
+        eval_every: Optional[int] = typer.Option(
+            None, help="Evaluate every N rounds (the last round always; default 1)."),
+        force: bool = typer.Option(False, "--force", help="Replace a run already in the run "
+                                                          "directory (kept until this one finishes)."),
     ) -> None:
         """Run one federation in-process from a YAML config and/or flags."""
         source: Any = config_file if config_file is not None else {}
         try:
             config = load_config(source, task=task, method=method, seed=seed, rounds=rounds,
-                                 criterion=criterion, attribute=attribute, max_steps=max_steps)
+                                 criterion=criterion, attribute=attribute, max_steps=max_steps,
+                                 eval_every=eval_every)
             if lam is not None:
                 config.method_params = {**config.method_params, "lam": lam}
                 config.validate()
         except ConfigError as err:
             _fail(str(err))
-        target = out or Path("runs") / config.name
-        try:
-            result = run_with_progress(config, target, config.method)
-        except (ValueError, OSError) as err:
-            _fail(str(err))
+        target = out or Path("runs") / default_run_name(config)
+        result = _run_cli(config, target, config.method, force)
         from fedfair_med.tasks import build_task
 
         console.print(site_table({config.method: result}, build_task(config.task).primary_metric))

@@ -263,9 +263,9 @@ def test_auditing_a_runs_model_reproduces_the_runs_predictions(audited: dict, tm
     pd.testing.assert_frame_equal(audit.loc[original.index], original)
 
 
-# ---- errors: one line, exit 2, no traceback ------------------------------------------------------
+# ---- errors: one line, exit 1, no traceback ------------------------------------------------------
 def _assert_clean_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert result.output.startswith("error: ")
     assert result.exception is None or isinstance(result.exception, SystemExit)

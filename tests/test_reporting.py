@@ -204,10 +204,10 @@ def test_write_reports_writes_self_contained_html(tmp_path):
     markdown = paths["markdown"].read_text()
     assert "| `ea` |" in markdown and f"| site | site-a | {site_a['n']} |" in markdown
     assert "## Per-round metrics" in markdown
-    # Definitions contain |x|; escaped, every gap row still has exactly three cells.
+    # Definitions contain |x|; escaped, every gap row still has exactly four cells.
     gap_lines = [line for line in markdown.splitlines() if line.startswith("| `")]
     assert len(gap_lines) == len(report["gaps"])
-    assert all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in gap_lines)
+    assert all(len(re.findall(r"(?<!\\)\|", line)) == 5 for line in gap_lines)
 
 
 def test_write_reports_renders_existing_report_without_predictions(tmp_path):
@@ -257,9 +257,9 @@ def test_cli_report_writes_files_and_prints_table(tmp_path):
     lambda tmp: [str(tmp)],  # exists but is not a run directory
     lambda tmp: [str(_write_run_dir(tmp / "run", _classification_predictions())), "--age-edges", "old"],
 ])
-def test_cli_report_invalid_input_exits_2_with_one_line(tmp_path, make_args):
+def test_cli_report_invalid_input_exits_1_with_one_line(tmp_path, make_args):
     result = CliRunner().invoke(_app(), ["report", *make_args(tmp_path)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")

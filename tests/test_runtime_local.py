@@ -117,7 +117,7 @@ def test_simulate_reports_bad_flags_without_traceback(tmp_path) -> None:
     from fedfair_med.cli.main import app
 
     result = CliRunner().invoke(app, ["simulate", "--method", "nope", "--out", str(tmp_path)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "unknown method" in result.output and "Traceback" not in result.output
 
 

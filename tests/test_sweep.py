@@ -339,6 +339,6 @@ def test_cli_dry_run_run_resume_and_errors(finished, tmp_path) -> None:
 
     bad = _write(tmp_path / "bad.yaml", {**TINY, "methods": {"x": {"method": "nope"}}})
     result = runner.invoke(_app(), ["sweep", bad, "--out", str(tmp_path / "never")])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "methods.x.method: unknown method 'nope'" in result.output
     assert not (tmp_path / "never").exists()

@@ -142,6 +142,58 @@ def _per_group_mean(values: np.ndarray, labels: Sequence[str]) -> dict[str, floa
     return {str(k): float(v) for k, v in frame.groupby("g")["v"].mean().items()}
 
 
+def gap_ci(values: np.ndarray, labels: Sequence[str], *, n_boot: int, seed: int,
+           level: float = 0.95) -> list[float]:
+    """Percentile-bootstrap interval of max_k |mean(values | k) - pooled mean|.
+
+    Resampled within each group, so group sizes stay fixed as the sites and groups of a study
+    are. Samples with a missing label are left out, as in the gap itself. [nan, nan] with fewer
+    than two groups or a group of one. The max of absolute differences is biased upward, so
+    for a gap near 0 the interval can lie above the estimate: read it as "how large the gap
+    could plausibly be".
+    """
+    labels_arr = np.asarray(list(labels), dtype=object)
+    known = labels_arr != MISSING
+    values, labels_arr = np.asarray(values, dtype=np.float64)[known], labels_arr[known]
+    groups = [values[labels_arr == g] for g in dict.fromkeys(labels_arr.tolist())]
+    if len(groups) < 2 or min(len(g) for g in groups) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, len(groups)))
+    for j, x in enumerate(groups):
+        chunk = max(1, 4_000_000 // len(x))
+        for start in range(0, n_boot, chunk):
+            stop = min(n_boot, start + chunk)
+            means[start:stop, j] = x[rng.integers(0, len(x), size=(stop - start, len(x)))].mean(axis=1)
+    sizes = np.array([len(g) for g in groups], dtype=np.float64)
+    pooled = means @ sizes / sizes.sum()
+    gaps = np.abs(means - pooled[:, None]).max(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(gaps, [alpha, 1.0 - alpha])
+    return [float(low), float(high)]
+
+
+def _gap_cis(gaps: dict[str, float], metric: np.ndarray, sites: list[str],
+             grouping: dict[str, list[str]], *, n_boot: int, seed: int,
+             score: np.ndarray | None, y_true: np.ndarray | None) -> dict[str, list[float]]:
+    """A bootstrap interval (:func:`gap_ci`) for every defined gap of ``gaps``."""
+    cis: dict[str, list[float]] = {}
+    for name, value in gaps.items():
+        if value is None or not math.isfinite(value):
+            continue
+        kind, _, attribute = name.partition(":")
+        labels = sites if not attribute else grouping[attribute]
+        if kind == "ea":
+            cis[name] = gap_ci(metric, labels, n_boot=n_boot, seed=seed)
+        elif kind == "dp" and score is not None:
+            cis[name] = gap_ci(score, labels, n_boot=n_boot, seed=seed)
+        elif kind == "eo" and score is not None and y_true is not None:
+            positive = y_true == 1
+            cis[name] = gap_ci(score[positive], [l for l, p in zip(labels, positive) if p],
+                               n_boot=n_boot, seed=seed)
+    return cis
+
+
 def build_report(
     predictions: pd.DataFrame,
     *,
@@ -158,7 +210,8 @@ def build_report(
     """The ``report.json`` content for one run's per-sample predictions.
 
     Returns ``{"primary_metric", "kind", "overall": {n, metric, ci95}, "groups": [...],
-    "gaps": {...}, "definitions": {...}, "warnings": [...], "settings": {...}}``; each group row
+    "gaps": {...}, "gaps_ci95": {gap: [low, high]}, "definitions": {...}, "warnings": [...],
+    "settings": {...}}``; each group row
     is ``{attribute, group, n, metric, ci95, small}`` plus, for classification,
     ``positive_rate`` (share with y_pred = 1) and ``mean_score`` (mean P(y=1|x), the quantity
     the DP gap compares). Samples missing an attribute are excluded from that attribute's groups
@@ -257,6 +310,9 @@ def build_report(
                 warnings.append(f"eo:{name} undefined: {err}")
             decision_gaps.update(_decision_gaps(name, y_true, y_pred, labels))
 
+    cis = _gap_cis(gaps, metric, sites, grouping, n_boot=n_boot, seed=seed,
+                   score=score if kind == "classification" else None,
+                   y_true=y_true if kind == "classification" else None)
     low, high = bootstrap_ci(metric, n_boot=n_boot, seed=seed)
     overall: dict[str, Any] = {"n": n, "metric": float(metric.mean()), "ci95": [low, high]}
     if kind == "classification":
@@ -268,6 +324,7 @@ def build_report(
         "overall": overall,
         "groups": groups,
         "gaps": gaps,
+        "gaps_ci95": cis,
         "definitions": {name: gap_definition(name, primary_metric) for name in gaps},
         "warnings": warnings,
         "settings": {

@@ -214,6 +214,9 @@ def _ci(pair: Any) -> str:
 
 
 def _title(config: Mapping[str, Any]) -> tuple[str, str]:
+    """Title (task · method) and subtitle: the method's parameters (λ first), the criterion,
+    seed and rounds as the run resolved them (run.yaml's ``rounds`` is null when the task's
+    default applied; ``resolved.rounds`` has the number)."""
     task = config.get("task")
     task_name = task.get("name") if isinstance(task, Mapping) else task
     method = config.get("method")
@@ -221,11 +224,21 @@ def _title(config: Mapping[str, Any]) -> tuple[str, str]:
     title = " · ".join(str(x) for x in (task_name, method_name) if x) or "run"
     criterion = config.get("criterion")
     bits = []
+    params = config.get("method_params")
+    if isinstance(params, Mapping) and params:
+        ordered = sorted(params.items(), key=lambda kv: (kv[0] != "lam", kv[0]))
+        bits.append(", ".join(f"{'λ' if k == 'lam' else k} {v}" for k, v in ordered))
     if isinstance(criterion, Mapping) and criterion.get("name"):
         bits.append(f"criterion {criterion.get('name')} over {criterion.get('attribute', 'site')}")
+    elif isinstance(criterion, str) and criterion:
+        bits.append(f"criterion {criterion} over {config.get('attribute') or 'site'}")
     for key in ("seed", "rounds"):
-        if key in config:
-            bits.append(f"{key} {config[key]}")
+        value = config.get(key)
+        resolved = config.get("resolved")
+        if value is None and isinstance(resolved, Mapping):
+            value = resolved.get(key)
+        if value is not None:
+            bits.append(f"{key} {value}")
     return title, ", ".join(bits)
 
 
@@ -343,11 +356,13 @@ def render_markdown(
         "## Overall", "",
         f"| samples | {metric_name} | 95% CI |", "|---:|---:|---:|",
         f"| {overall['n']} | {_fmt(overall['metric'])} | {_ci(overall.get('ci95'))} |", "",
-        "## Fairness gaps", "", "| gap | value | definition |", "|---|---:|---|",
+        "## Fairness gaps", "", "| gap | value | 95% CI | definition |", "|---|---:|---:|---|",
     ]
     definitions = report.get("definitions", {})
+    cis = report.get("gaps_ci95") or {}
     for name, value in report["gaps"].items():
-        lines.append(f"| `{_md(name)}` | {_fmt(value)} | {_md(definitions.get(name, ''))} |")
+        lines.append(f"| `{_md(name)}` | {_fmt(value)} | {_ci(cis.get(name))} "
+                     f"| {_md(definitions.get(name, ''))} |")
     quality = "auc" in overall  # absent from a federated run's report.json
     if quality:
         lines += _decision_lines(report)
@@ -435,8 +450,8 @@ def render_html(
         # federated run's report.json (its predictions stayed at the sites).
         quality="auc" in report["overall"],
         overall=report["overall"],
-        gaps=[{"name": k, "value": v, "definition": definitions.get(k, "")}
-              for k, v in report["gaps"].items()],
+        gaps=[{"name": k, "value": v, "ci95": (report.get("gaps_ci95") or {}).get(k),
+               "definition": definitions.get(k, "")} for k, v in report["gaps"].items()],
         decision_gaps=list((report.get("decision_gaps") or {}).items()),
         decision_definition=DECISION_GAPS_DEFINITION,
         groups=groups,
@@ -474,8 +489,10 @@ def print_summary(report: Mapping[str, Any], console: Any) -> None:
     gaps = Table(title="fairness gaps")
     gaps.add_column("gap")
     gaps.add_column("value", justify="right")
+    gaps.add_column("95% CI", justify="right")
+    cis = report.get("gaps_ci95") or {}
     for name, value in report["gaps"].items():
-        gaps.add_row(Text(name), _fmt(value))
+        gaps.add_row(Text(name), _fmt(value), _ci(cis.get(name)))
     for name, value in (report.get("decision_gaps") or {}).items():
         gaps.add_row(Text(f"{name} (decisions)"), _fmt(value))
     console.print(gaps)

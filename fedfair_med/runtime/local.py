@@ -36,6 +36,9 @@ from fedfair_med.tasks.base import CLASSIFICATION, Task
 
 
 class Progress(Protocol):
+    """Callbacks of a run; ``evaluation_started``/``evaluated`` are optional (evaluation of the
+    test and val splits can take longer than training, so it must show progress too)."""
+
     def round_started(self, round_index: int, total_rounds: int, total_steps: int) -> None: ...
     def advance(self, steps: int) -> None: ...
     def round_finished(self, round_index: int, record: dict[str, Any]) -> None: ...
@@ -50,6 +53,11 @@ class _Silent:
 
     def round_finished(self, round_index: int, record: dict[str, Any]) -> None:
         pass
+
+
+def evaluates(round_index: int, rounds: int, eval_every: int) -> bool:
+    """Evaluate every ``eval_every`` rounds and always in the last (reports read the last)."""
+    return round_index == rounds or round_index % eval_every == 0
 
 
 @dataclass
@@ -100,28 +108,50 @@ def build_sites(config: RunConfig, task: Task) -> list[SiteRunner]:
             for k, site in enumerate(federation.sites)]
 
 
-def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | None = None) -> RunResult:
-    """Run ``config`` in one process and write its run directory to ``out_dir``."""
+def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | None = None,
+                   force: bool = False) -> RunResult:
+    """Run ``config`` in one process and write its run directory to ``out_dir``.
+
+    The directory appears only once the run is complete (see :mod:`~fedfair_med.runtime.rundir`);
+    a run already there is replaced only with ``force`` (else ``RunExistsError`` before any work).
+    """
+    from fedfair_med.runtime.rundir import check_target, discard_staging
+
+    config.validate()
+    check_target(Path(out_dir), force)
+    made: list[RunDirectory] = []
+    try:
+        result = _simulate(config, Path(out_dir), progress or _Silent(), force, made.append)
+    except BaseException:  # interrupted or failed: the staging directory goes, out_dir stays
+        discard_staging(Path(out_dir))
+        raise
+    result.path = made[0].commit()
+    return result
+
+
+def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
+              made: Any) -> RunResult:
+    """The rounds, written into a staging RunDirectory handed to ``made`` as soon as it exists."""
     from fedfair_med.algorithms import REGISTRY
 
-    progress = progress or _Silent()
-    config.validate()
     keep_freed_memory()  # model-sized copies every round reuse heap pages (runtime/memory.py)
     task = build_task(config.task)
     sites = build_sites(config, task)
     resolved = resolve(config, task)
     rundir = RunDirectory(
-        Path(out_dir), config, kind=task.kind, primary_metric=task.primary_metric,
+        out_dir, config, force=force, kind=task.kind, primary_metric=task.primary_metric,
         attributes=list(sites[0].attributes), sites=[s.name for s in sites],
         rounds=resolved.rounds, batch_size=resolved.batch_size,
         local=dataclasses.asdict(resolved.settings),
     )
+    made(rundir)
     algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
     warn_if_penalty_is_normalised_away(config, resolved.settings.optimizer)
     model = build_global_model(config, task)
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [s.name for s in sites])
     rounds = resolved.rounds
+    eval_every = int(getattr(config, "eval_every", 1) or 1)
     ledger = PrivacyLedger.from_option(config.privacy, rounds=rounds, seed=config.seed)
     if ledger.statistics is not None:  # noise the group statistics before they leave each site
         algorithm.statistics_privacy = ledger.statistics  # type: ignore[attr-defined]
@@ -148,19 +178,23 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         global_state, server_state = aggregation.result()
         del aggregation
         load_state(model, global_state)  # once: evaluation leaves the weights unchanged
-        evaluations = {s.name: s.evaluate(model, None) for s in sites}
-        record = {
+        record: dict[str, Any] = {
             "round": r,
             "elapsed_s": round(time.perf_counter() - started, 3),
             "train_loss": {s.name: train_loss[s.name] for s in sites},
-            **combine_summaries({k: v[1] for k, v in evaluations.items()},
-                                classification=classification),
         }
+        if evaluates(r, rounds, eval_every):
+            evaluations = _evaluate(sites, model, "test", progress, r)
+            record.update(combine_summaries({k: v[1] for k, v in evaluations.items()},
+                                            classification=classification))
+            if all(s.val_set is not None for s in sites):
+                val = {k: v[1] for k, v in _evaluate(sites, model, "val", progress, r).items()}
+                record["val"] = combine_summaries(val, classification=classification)
+        else:  # readers look for "metric"; this says why there is none
+            record["evaluated"] = False
         if ledger.active:  # the budget spent so far
             record["privacy"] = ledger.round_record(r, _dp_sgd_epsilon(sites))
-        if all(s.val_set is not None for s in sites):
-            val = {s.name: s.evaluate(model, None, split="val")[1] for s in sites}
-            record["val"] = combine_summaries(val, classification=classification)
+        record["elapsed_s"] = round(time.perf_counter() - started, 3)
         rundir.log_round(record)
         history.append(record)
         progress.round_finished(r, record)
@@ -172,9 +206,25 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
         rundir.write_json("privacy.json", ledger.summary(rounds, _dp_sgd_epsilon(sites)))
     from fedfair_med.reporting.render import write_reports
 
-    write_reports(rundir.path, age_edges=tuple(config.age_edges))
+    write_reports(rundir.staging, age_edges=tuple(config.age_edges))
     return RunResult(path=rundir.path, final=history[-1], history=history,
                      predictions=predictions, state=global_state)
+
+
+def _evaluate(sites: list[SiteRunner], model: Any, split: str, progress: Progress,
+              round_index: int) -> dict[str, Any]:
+    """Each site's (predictions, summary) on ``split``, reporting progress site by site."""
+    sizes = {s.name: len(s.test_set if split == "test" else s.val_set) for s in sites}
+    started = getattr(progress, "evaluation_started", None)
+    done = getattr(progress, "evaluated", None)
+    if started is not None:
+        started(round_index, split, sum(sizes.values()))
+    out = {}
+    for site in sites:
+        out[site.name] = site.evaluate(model, None, split=split)
+        if done is not None:
+            done(sizes[site.name])
+    return out
 
 
 def _dp_sgd_epsilon(sites: list[SiteRunner]) -> dict[str, float]:

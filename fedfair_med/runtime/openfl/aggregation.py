@@ -211,7 +211,9 @@ class FedFairAggregator(Aggregator):
         self.classification = build_task(self.config.task).kind == CLASSIFICATION
         self.layout = ModelLayout(build_global_model(self.config, build_task(self.config.task)).state_dict())
         self.model_keys = self.layout.names
-        self.rundir = RunDirectory(Path(run_dir), self.config)
+        # Written beside run_dir and renamed into place when finished; an earlier finished run
+        # there is kept as run.previous-N (see _finish), never overwritten file by file.
+        self.rundir = RunDirectory(Path(run_dir), self.config, force=True)
         self.finished = False
         self.failure: str | None = None
         self._last_record: dict[str, Any] | None = None
@@ -365,9 +367,14 @@ class FedFairAggregator(Aggregator):
         try:
             from fedfair_med.reporting.render import write_reports
 
-            write_reports(self.rundir.path)
+            write_reports(self.rundir.staging)
         except Exception as err:  # a report failure must not lose the finished run
             logger.warning("could not write the report: %s", err)
+        had_run = self.rundir.path.exists()
+        self.rundir.commit(keep_previous=True)
+        if had_run:
+            logger.warning("%s held an earlier run; it was kept as %s.previous-N",
+                           self.rundir.path, self.rundir.path.name)
         if self.checkpoint_dir is not None:  # a finished run is never resumed
             for name in (CHECKPOINT_STATE, CHECKPOINT_MODEL):
                 (self.checkpoint_dir / name).unlink(missing_ok=True)
