@@ -4,8 +4,12 @@ A site turns its test predictions into a :func:`site_summary` — counts and sum
 per group — and the server :func:`combine_summaries` into the pooled metric and the gaps:
 
 * EA = max_k |D_k − D| with D_k the mean per-sample metric on site k and D the pooled mean;
-* DP(a) = max_g |E[s | a = g] − E[s]| with s the positive-class probability;
+* DP(a) = max_g |E[s | a = g] − E[s | a known]| with s the positive-class probability;
 * EO(a) = the same over samples with y = 1.
+
+A sample whose attribute is missing belongs to no group of that attribute and is left out of
+that attribute's pooled mean too — the definition of :mod:`fedfair_med.fairness.metrics` and
+docs/metrics.md (HAM10000 has rows without age or sex).
 
 Sums of per-sample values reproduce the pooled means exactly, so the in-process runtime (which
 could pool predictions) and the federated one (which cannot) report the same numbers.
@@ -17,6 +21,8 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
+
+from fedfair_med.fairness.metrics import is_missing
 
 Summary = dict[str, Any]
 
@@ -49,7 +55,7 @@ def site_summary(predictions: pd.DataFrame, attributes: Iterable[str]) -> Summar
         _add(overall, float(r["metric"]), float(r["score"]), positive)
         for a in attributes:
             value = r[a]
-            if value is None or (isinstance(value, float) and value != value) or str(value) == "":
+            if is_missing(value):
                 continue
             _add(groups[a][str(value)], float(r["metric"]), float(r["score"]), positive)
     return {"overall": overall, "groups": {a: dict(g) for a, g in groups.items()}}
@@ -58,6 +64,14 @@ def site_summary(predictions: pd.DataFrame, attributes: Iterable[str]) -> Summar
 def _merge(into: dict[str, float], other: Mapping[str, float]) -> None:
     for key, value in other.items():
         into[key] = into.get(key, 0) + value
+
+
+def _known_total(groups: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The pooled sums over samples that belong to one of ``groups`` (attribute known)."""
+    total = _empty()
+    for acc in groups.values():
+        _merge(total, acc)
+    return total
 
 
 def _gap(groups: Mapping[str, Mapping[str, float]], total: Mapping[str, float], num: str, den: str) -> float:
@@ -84,8 +98,9 @@ def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool)
         for a in sorted(attr_groups):
             if a == "age":
                 continue
-            gaps[f"dp:{a}"] = _gap(attr_groups[a], total, "score", "n")
-            gaps[f"eo:{a}"] = _gap(attr_groups[a], total, "score_pos", "n_pos")
+            known = _known_total(attr_groups[a])
+            gaps[f"dp:{a}"] = _gap(attr_groups[a], known, "score", "n")
+            gaps[f"eo:{a}"] = _gap(attr_groups[a], known, "score_pos", "n_pos")
     return {
         "metric": total["metric"] / total["n"] if total["n"] else float("nan"),
         "n": int(total["n"]),
