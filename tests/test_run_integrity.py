@@ -152,6 +152,24 @@ def test_a_run_killed_between_the_renames_of_its_commit_is_put_back(tmp_path) ->
     assert {p.name: p.read_bytes() for p in target.iterdir()} == old and not _staging(target)
 
 
+def test_the_aggregators_rerun_keeps_the_earlier_run_beside_the_new_one(tmp_path) -> None:
+    """The OpenFL aggregator writes run/ the same way (RunDirectory(force=True), then
+    commit(keep_previous=True)): nothing under run/ changes until the new run is complete, and
+    then the earlier run is kept whole as run.previous-1."""
+    from fedfair_med.runtime.rundir import RunDirectory
+
+    target = tmp_path / "run"
+    old = _old_run(target)
+    rundir = RunDirectory(target, RunConfig(method="flexfair"), force=True)
+    rundir.log_round({"round": 1, "metric": 0.5})
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == old  # not yet replaced
+    rundir.commit(keep_previous=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run.previous-1").iterdir()} == old
+    assert read_status(target)["status"] == "complete" and read_metrics(target) == [
+        {"round": 1, "metric": 0.5}]
+    assert not _staging(target)
+
+
 def test_flag_only_simulate_names_do_not_collide() -> None:
     from fedfair_med.cli.run_commands import default_run_name
 
