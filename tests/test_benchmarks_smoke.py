@@ -27,7 +27,8 @@ def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     returned = module.main(["--quick", "--out", str(tmp_path), *extra])
-    written = json.loads((tmp_path / f"{name}.json").read_text())
+    written = json.loads((tmp_path / f"{name}.quick.json").read_text())
+    assert not (tmp_path / f"{name}.json").exists()  # --quick never replaces a full result
     assert written["benchmark"] == name and written["quick"] is True
     assert MACHINE_KEYS <= set(written["machine"])
     assert "--quick" in written["machine"]["command"]
