@@ -234,13 +234,14 @@ def test_audit_only_manifest_scores_every_row_like_a_full_site(audited: dict, tm
 
 
 @needs_ham
-def test_audit_default_out_dir_is_named_after_the_manifest(audited: dict, tmp_path: Path,
+def test_audit_default_out_dir_is_named_after_the_model_and_the_site(audited: dict, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = _invoke("--model", audited["root"] / "model.pt", "--manifest", audited["manifest"],
                      "--run-yaml", audited["root"] / "run.yaml", "--attribute", "age")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "audit-site" / "report.json").read_text())
+    # audit-<model's run folder>-<manifest stem> (or its folder, for importers' manifest.csv)
+    report = json.loads((tmp_path / f"audit-{audited['root'].name}-site" / "report.json").read_text())
     assert set(_rows(report, "age_band")) == {"<=60", ">60"}  # the default edge
 
 
