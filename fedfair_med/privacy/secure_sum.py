@@ -326,7 +326,7 @@ class Unmasker:
                     f"secure aggregation: only {len(shares)} share(s) of dropped site {d}'s key "
                     f"(threshold {threshold}); its masks cannot be removed")
             try:
-                private = shamir.combine_bytes(shares, threshold)
+                private = shamir.combine_bytes(shares, threshold, length=32)
             except shamir.ShamirError as err:
                 raise SecureSumError(f"secure aggregation: shares of {d}'s key: {err}") from None
             if len(private) != 32 or public_from_private(private) != bytes(round_publics[d]):

@@ -75,12 +75,13 @@ def split_bytes(secret: bytes, threshold: int, num_shares: int) -> dict[int, byt
     return {x: y.to_bytes(SHARE_BYTES, "big") for x, y in split(value, threshold, num_shares).items()}
 
 
-def combine_bytes(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """Inverse of :func:`split_bytes`."""
+def combine_bytes(shares: Mapping[int, bytes], threshold: int, length: int | None = None) -> bytes:
+    """Inverse of :func:`split_bytes`; ``length``: the secret's known size in bytes (then a wrong
+    share is caught except with probability ~2^-(8 (65 − length))."""
     if any(len(v) != SHARE_BYTES for v in shares.values()):
         raise ShamirError(f"a share must be {SHARE_BYTES} bytes")
     value = combine({x: int.from_bytes(v, "big") for x, v in shares.items()}, threshold)
     raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
-    if not raw or raw[0] != 1:
+    if not raw or raw[0] != 1 or len(raw) > 65 or (length is not None and len(raw) != length + 1):
         raise ShamirError("the shares do not combine to a secret made by split_bytes")
     return raw[1:]

@@ -241,6 +241,9 @@ class FedFairAggregator(Aggregator):
                 except secure.SecureSumError as err:
                     logger.error("%s", err)
                     self.failure = str(err)
+                except Exception as err:  # never leave the sites polling for ever
+                    logger.exception("secure aggregation step %s failed", tensor_name)
+                    self.failure = f"secure aggregation: OpenFL round {round_number}: {type(err).__name__}: {err}"
                 if value is not None:
                     self.tensor_db.cache_tensor({key: value})
         return self._nparray_to_named_tensor(key, value if value is not None else np.zeros(0, np.uint8),
@@ -263,7 +266,8 @@ class FedFairAggregator(Aggregator):
         now = time.monotonic()
         if name == secure.RELAY:
             done = [s for s in self.authorized_cols if self._collaborator_task_completed(s, SECAGG_KEYS, k)]
-            masking = self._secagg_gate.decide("sent their round keys", k, done, self.spec.sites, now)
+            masking = self._secagg_gate.decide("sent their round keys", k, done, self.spec.sites, now,
+                                               patient=True)
             return None if masking is None else secure.build_relay({s: sent(SECAGG_KEYS, s) for s in masking})
         relay = self.tensor_db.get_tensor_from_cache(
             TensorKey(secure.RELAY, self.uuid, k, False, (secure.SECAGG_TAG,)))

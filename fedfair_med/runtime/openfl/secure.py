@@ -293,6 +293,8 @@ class DropoutGate:
     A step waits for every expected site; with a straggler timeout it goes on without the silent
     ones once the timeout has passed since the first site asked, if at least t sites are in —
     fewer is a :class:`SecureSumError` naming the missing sites. Without a timeout it waits for all.
+    ``patient`` (the key step): the timeout only starts once t sites are in, and below t it keeps
+    waiting — sites start up at different speeds, and nothing is lost by waiting before masking.
     """
 
     def __init__(self, sites: Sequence[str], t: int, cutoff_s: float | None) -> None:
@@ -300,11 +302,13 @@ class DropoutGate:
         self._first: dict[tuple[str, int], float] = {}
 
     def decide(self, step: str, fl_round: int, done: Sequence[str], expected: Sequence[str],
-               now: float) -> list[str] | None:
-        first = self._first.setdefault((step, int(fl_round)), now)
+               now: float, patient: bool = False) -> list[str] | None:
         done = sorted(set(done) & set(expected))
         if set(expected) <= set(done):
             return done
+        if patient and len(done) < self.threshold:
+            return None
+        first = self._first.setdefault((step, int(fl_round)), now)
         if self.cutoff_s is None or now - first < float(self.cutoff_s):
             return None
         if len(done) < self.threshold:
