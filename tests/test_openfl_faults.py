@@ -383,9 +383,10 @@ def _run_with_dropouts(tmp_path: Path, ws: Path, exits: str, aggregator_rc: int 
 
 def test_a_site_that_drops_after_the_round_keys_is_unmasked_by_the_survivors(tmp_path: Path) -> None:
     config = {**TINY, "rounds": 1}
+    # 10 s: long enough that a live but slow survivor (busy machine) is not taken for a drop-out
     secure_ws = make_federation(tmp_path / "secure", "fedavg", config, "--secure-aggregation",
-                                "--straggler-timeout", "4")
-    plain_ws = make_federation(tmp_path / "plain", "fedavg", config, "--straggler-timeout", "4",
+                                "--straggler-timeout", "10")
+    plain_ws = make_federation(tmp_path / "plain", "fedavg", config, "--straggler-timeout", "10",
                                "--min-sites", "2")
     assert yaml.safe_load((secure_ws / "plan/plan.yaml").read_text())["fedfair"]["settings"]["spec"][
         "secure_threshold"] == 2
