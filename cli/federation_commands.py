@@ -242,6 +242,8 @@ def collaborator_start(
         300.0, "--call-timeout", help="Deadline of one call to the aggregator (then retried)."),
     force: bool = typer.Option(
         False, "--force", help="Let --certificate replace a different certificate already in the bundle."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="Where this site trains: auto, cpu, cuda or cuda:N (default: the plan's)."),
 ) -> None:
     """Join the federation: train, evaluate, send only weights and aggregate summaries."""
     from fedfair_med.runtime.openfl.process import run_collaborator
@@ -263,7 +265,8 @@ def collaborator_start(
             console.print(f"  {name}: {task.replace('fedfair_', '')} round {round_index} {detail}")
 
         return run_collaborator(folder, name, manifest=manifest, connect_timeout_s=connect_timeout,
-                                call_timeout_s=call_timeout, progress=progress)
+                                call_timeout_s=call_timeout, progress=progress, device=device,
+                                announce=lambda line: console.print(f"  {name}: {line}", highlight=False))
 
     out = _guard(act)
     console.print(f"[green]✓[/green] {name} finished; predictions stay in {out}")

@@ -19,7 +19,8 @@ app = typer.Typer(
 def _attach() -> None:
     """Register every command module (one line each)."""
     from fedfair_med.cli import (
-        data_commands, federation_commands, report_commands, run_commands, sweep_commands,
+        data_commands, doctor_commands, federation_commands, report_commands, run_commands,
+        sweep_commands,
     )
 
     run_commands.register(app)
@@ -27,6 +28,7 @@ def _attach() -> None:
     report_commands.register(app)
     sweep_commands.register(app)
     federation_commands.register(app)
+    doctor_commands.register(app)
 
 
 _attach()

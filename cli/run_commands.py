@@ -229,6 +229,11 @@ def register(app: typer.Typer) -> None:
         except ConfigError as err:
             _fail(str(err))
         target = out or Path("runs") / default_run_name(config)
+        try:  # which device, precision and threads, before a long run (fedfair-med doctor)
+            from fedfair_med.cli.doctor_commands import device_line
+            console.print(device_line(config), highlight=False)
+        except ConfigError as err:
+            _fail(str(err))
         result = _run_cli(config, target, config.method, force)
         from fedfair_med.tasks import build_task
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +50,12 @@ class RunConfig:
     privacy: dict[str, Any] = field(default_factory=dict)
     #: Evaluate every N rounds (the last round always): evaluation can cost more than training.
     eval_every: int = 1
+    #: Where each site trains: auto (CUDA if present), cpu, cuda, cuda:N (docs/configuration.md).
+    device: str = "auto"
+    #: Forward-pass precision at the sites: 32, bf16 or fp16 (losses and sums stay float32/64).
+    precision: str = "32"
+    #: torch's deterministic algorithms on a GPU (slower; CPU runs are deterministic anyway).
+    deterministic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,6 +91,7 @@ class RunConfig:
         problems.extend(self._privacy_problems(REGISTRY))
         if self.task in TASKS:
             problems.extend(self._task_problems())
+        problems.extend(self._device_problems())
         if not problems and self.method in REGISTRY:
             try:
                 REGISTRY[self.method](**self.method_params)
@@ -135,6 +143,24 @@ class RunConfig:
             problems.append(f"age_edges: must be a non-empty list of finite numbers, got {self.age_edges!r}")
         return problems
 
+    def _device_problems(self) -> list[str]:
+        """``device`` and ``precision`` are well formed (whether they exist here is checked where
+        a site starts: the aggregator's machine need not have the sites' GPUs)."""
+        problems = [p for p in (device_problem(self.device),) if p]
+        precision = normalise_precision(self.precision)
+        if precision is None:
+            problems.append(f"precision: use 32, bf16 or fp16, got {self.precision!r}")
+        else:
+            self.precision = precision  # YAML's 32 is an int
+            if precision != "32" and self.privacy.get("dp_sgd"):
+                problems.append(f"precision {precision}: not with privacy.dp_sgd (Opacus computes "
+                                "per-sample gradients in the parameters' dtype; autocast's "
+                                "low-precision activations would change the clipped gradients "
+                                "untested); use precision: 32")
+        if not isinstance(self.deterministic, bool):
+            problems.append(f"deterministic: must be true or false, got {self.deterministic!r}")
+        return problems
+
     def _task_problems(self) -> list[str]:
         """``data`` holds options the task knows, with usable values, and the network (when one
         is chosen) builds and gives the task's output shape — said here, in one line each,
@@ -166,6 +192,26 @@ class RunConfig:
                             "step changes gradients outside per-sample clipping, or mixes samples); "
                             f"use one of {list(DP_SGD_METHODS)}")
         return problems
+
+
+#: ``device`` values: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N``
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+PRECISIONS = ("32", "bf16", "fp16")
+
+
+def device_problem(setting: Any) -> str | None:
+    """Why ``setting`` is not a valid ``device`` value (syntax only), or None."""
+    if not isinstance(setting, str) or not DEVICE_PATTERN.match(setting):
+        return f"device: use auto, cpu, cuda or cuda:N, got {setting!r}"
+    return None
+
+
+def normalise_precision(value: Any) -> str | None:
+    """``32``/``"32"``/``fp32`` → ``"32"``; ``bf16``/``fp16`` as they are; None when unknown."""
+    text = str(value).strip().lower() if not isinstance(value, bool) else ""
+    if text in ("32", "fp32", "float32"):
+        return "32"
+    return text if text in PRECISIONS else None
 
 
 def _canonical(value: Mapping[str, Any]) -> str:

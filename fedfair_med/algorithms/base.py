@@ -11,6 +11,7 @@ counts, FedNova's normaliser or SCAFFOLD's control-variate delta. Per-sample val
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -62,6 +63,8 @@ class SiteContext:
     round: int
     num_groups: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: forward-pass precision of the local loop: "32", "bf16" or "fp16" (autocast; fp16 scaled)
+    precision: str = "32"
     #: DP-SGD hook set by the runtime (``fedfair_med.privacy.dpsgd.DPSGDSession``), else None:
     #: ``attach(model, optimizer, loader)`` returns private replacements, ``detach(model)`` undoes.
     private_training: Any = None
@@ -487,6 +490,7 @@ class Algorithm:
         """
         load_state(model, global_state)
         to_device(model, ctx.device)
+        broadcast = on_device(broadcast, ctx.device)
         self.on_round_start(ctx, model, broadcast, site_state)
         work_model = self.prepare_model(model, ctx)
         work_model.train()
@@ -501,13 +505,16 @@ class Algorithm:
                 for t in m.state_dict().values()}
         start_state = {k: (v.detach().clone() if v.data_ptr() in live else v.detach())
                        for k, v in global_state.items()}
+        autocast, scaler = local_precision(ctx)
         steps, loss_sum = 0, 0.0
         done = False
         for _epoch in range(ctx.settings.epochs):
             for batch in loader:
                 batch = move_batch(batch, ctx.device)
                 optimizer.zero_grad(set_to_none=True)
-                logits = work_model(batch["image"])
+                with autocast():
+                    logits = work_model(batch["image"])
+                logits = logits.float()  # losses, risks and statistics in float32 (no-op at 32)
                 loss = ctx.objective.task_loss(logits, batch)
                 extra = self.extra_loss(work_model, batch, logits, ctx)
                 if extra is not None:
@@ -517,9 +524,16 @@ class Algorithm:
                         f"site {ctx.site}: loss became {loss.item()} at round {ctx.round}, "
                         f"step {steps}; lower the learning rate or the penalty weight"
                     )
-                loss.backward()
-                self.after_backward(work_model, ctx)
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    self.after_backward(work_model, ctx)
+                    optimizer.step()
+                else:  # fp16: scaled loss, true gradients for the method's corrections
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    self.after_backward(work_model, ctx)
+                    scaler.step(optimizer)  # skipped when a gradient overflowed
+                    scaler.update()
                 self.observe_batch(batch, logits.detach(), ctx)
                 steps += 1
                 loss_sum += float(loss.detach())
@@ -536,7 +550,9 @@ class Algorithm:
         extras = self.client_extras(ctx, start_state, model, steps, site_state)
         extras.setdefault("steps", torch.tensor(float(steps)))
         extras.setdefault("loss", torch.tensor(loss_sum / max(steps, 1)))
-        return ClientUpdate(state=float_state(model), num_samples=num_examples(ctx.loader), extras=extras)
+        # what crosses the wire is on the CPU whatever the site's device (a no-op on CPU)
+        return ClientUpdate(state=cpu_state(float_state(model)), num_samples=num_examples(ctx.loader),
+                            extras=cpu_state(extras))
 
 
 def num_examples(loader: Iterable[Mapping[str, Any]]) -> int:
@@ -548,5 +564,37 @@ def num_examples(loader: Iterable[Mapping[str, Any]]) -> int:
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """The batch's tensors on ``device``; from pinned memory the copy runs asynchronously."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
 
+
+
+def on_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> StateDict:
+    """``tensors`` moved to ``device`` (the same dict when nothing has to move)."""
+    if all(v.device == torch.device(device) for v in tensors.values()):
+        return dict(tensors)
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def cpu_state(tensors: Mapping[str, torch.Tensor]) -> StateDict:
+    """``tensors`` on the CPU for the wire; CPU tensors are passed through untouched."""
+    return {k: (v if v.device.type == "cpu" else v.detach().cpu()) for k, v in tensors.items()}
+
+
+def local_precision(ctx: SiteContext) -> tuple[Callable[[], Any], Any]:
+    """(autocast context factory, GradScaler or None) for the round's precision.
+
+    At precision 32 the context is a no-op, so CPU runs keep their bits. fp16 needs a gradient
+    scaler (small gradients underflow in float16); bf16 has float32's range and does not.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.precision)
+    if dtype is None:
+        return contextlib.nullcontext, None
+    kind = torch.device(ctx.device).type
+
+    def autocast() -> Any:
+        return torch.autocast(device_type=kind, dtype=dtype)
+
+    scaler = torch.amp.GradScaler(kind) if ctx.precision == "fp16" else None
+    return autocast, scaler

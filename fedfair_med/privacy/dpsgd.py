@@ -107,7 +107,10 @@ class DPSGDSession:
         steps_per_epoch = max(len(loader), 1)
         sample_rate = 1.0 / steps_per_epoch
         wrapped = GradSampleModule(model, loss_reduction="mean", strict=True)
-        noise = torch.Generator()
+        # Opacus draws the noise where the parameters live: a CUDA model needs a CUDA generator
+        # (on the CPU this is the same generator as before, so the numbers are unchanged).
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        noise = torch.Generator(device=device)
         noise.manual_seed(self.noise_seed)
         dp_optimizer = DPOptimizer(
             optimizer, noise_multiplier=self.site.settings.noise_multiplier,

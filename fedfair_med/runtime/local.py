@@ -143,6 +143,7 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
         attributes=list(sites[0].attributes), sites=[s.name for s in sites],
         rounds=resolved.rounds, batch_size=resolved.batch_size,
         local=dataclasses.asdict(resolved.settings),
+        device=str(sites[0].placement.device), precision=sites[0].placement.precision,
     )
     made(rundir)
     algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))

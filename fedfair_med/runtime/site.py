@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms.base import (
-    Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, load_state, move_batch,
+    Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, load_state, move_batch, to_device,
 )
 from fedfair_med.config import RunConfig
 from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
 from fedfair_med.data.prefetch import BackgroundBatches, prefetch_enabled
 from fedfair_med.fairness.aggregate import site_summary
 from fedfair_med.fairness.criteria import Criterion
+from fedfair_med.runtime.device import Placement, apply_determinism, placement
 from fedfair_med.tasks.base import Task
 
 
@@ -74,8 +75,13 @@ class SiteRunner:
     """One site's training, statistics and evaluation; its data never leaves this object."""
 
     def __init__(self, task: Task, site: SiteData, site_index: int, config: RunConfig,
-                 vocabulary: list[str], attributes: tuple[str, ...]) -> None:
+                 vocabulary: list[str], attributes: tuple[str, ...],
+                 device: str | None = None) -> None:
+        """``device`` overrides the configuration's for this site (``collaborator start --device``)."""
         self.task, self.site, self.site_index, self.config = task, site, site_index, config
+        #: where this site computes; DeviceUnavailable (one line) when it cannot
+        self.placement: Placement = placement(device or config.device, config.precision)
+        apply_determinism(config.deterministic)
         self.criterion = Criterion(config.criterion, config.attribute)
         self.objective = task.objective(self.criterion)
         self.resolved = resolve(config, task)
@@ -108,20 +114,27 @@ class SiteRunner:
     def _context(self, round_index: int, shuffle: bool) -> SiteContext:
         seed = derive_seed(self.config.seed, round_index, self.site_index)
         torch.manual_seed(seed)
-        loader: Any = make_loader(self.train_set, self.resolved.batch_size, shuffle=shuffle, seed=seed)
+        loader: Any = make_loader(self.train_set, self.resolved.batch_size, shuffle=shuffle, seed=seed,
+                                  pin_memory=self.placement.is_cuda)
         if shuffle and self.dp_sgd is None and prefetch_enabled():  # Opacus needs the DataLoader
             loader = BackgroundBatches(loader)  # same batches, prepared on a spare core
         return SiteContext(site=self.name, site_index=self.site_index, loader=loader,
                            objective=self.objective, settings=self.resolved.settings,
-                           round=round_index, num_groups=self.num_groups)
+                           round=round_index, num_groups=self.num_groups,
+                           device=self.placement.device, precision=self.placement.precision)
 
     def statistics(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
                    round_index: int) -> StateDict:
         """Forward-only aggregate statistics of the global model (fixed-size tensors)."""
         load_state(model, global_state)
+        to_device(model, self.placement.device)
         model.eval()
-        with torch.no_grad():
-            return algorithm.client_statistics(self._context(round_index, shuffle=False), model)
+        ctx = self._context(round_index, shuffle=False)
+        if self.placement.is_cuda:  # methods' statistics loops read batches as they come
+            ctx.loader = OnDevice(ctx.loader, self.placement.device)
+        with torch.no_grad():  # full precision: a forward-only pass, and the statistics are shared
+            stats = algorithm.client_statistics(ctx, model)
+        return {k: v.cpu() for k, v in stats.items()}
 
     def train(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
               broadcast: StateDict, round_index: int,
@@ -150,16 +163,21 @@ class SiteRunner:
         """
         if global_state is not None:
             load_state(model, global_state)
+        device = self.placement.device
+        to_device(model, device)
         model.eval()
-        loader = make_loader(self._split(split), self.resolved.batch_size, shuffle=False, seed=0)
+        loader = make_loader(self._split(split), self.resolved.batch_size, shuffle=False, seed=0,
+                             pin_memory=self.placement.is_cuda)
         rows: list[dict[str, Any]] = []
         with torch.no_grad():
             for batch in loader:
-                batch = move_batch(batch, torch.device("cpu"))
-                logits = model(batch["image"])
-                metric = self.task.sample_metric(logits, batch)
-                score = self.task.positive_probability(logits).to(torch.float64)
-                y_true = self.task.positive_label(batch).to(torch.int64)
+                batch = move_batch(batch, device)
+                with self.placement.autocast():
+                    logits = model(batch["image"])
+                logits = logits.float()  # metrics in float32 whatever the precision
+                metric = self.task.sample_metric(logits, batch).cpu()
+                score = self.task.positive_probability(logits).to(torch.float64).cpu()
+                y_true = self.task.positive_label(batch).to(torch.int64).cpu()
                 for i in range(len(batch["id"])):
                     row = {"id": batch["id"][i], "site": self.name}
                     for a in self.attributes:
@@ -180,6 +198,21 @@ class SiteRunner:
     def summary_attributes(self) -> tuple[str, ...]:
         """Categorical attributes only: a group per raw age would be nearly a group per patient."""
         return ("site", *(a for a in self.attributes if a != "age"))
+
+
+class OnDevice:
+    """A loader whose batches arrive on ``device`` (pinned host memory copies asynchronously)."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.dataset = getattr(loader, "dataset", None)  # num_examples() reads it
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield move_batch(batch, self.device)
 
 
 def _item(value: Any) -> Any:

@@ -421,8 +421,12 @@ def run_aggregator(workspace: Path, *, timeout_s: float | None = None, finish_gr
 
 def run_collaborator(bundle: Path, name: str, *, manifest: str | Path | None = None,
                      connect_timeout_s: float = 60.0, call_timeout_s: float = 300.0,
-                     progress: Callable[[str, int, dict[str, Any]], None] | None = None) -> Path:
-    """Take part in the federation described by ``bundle`` as site ``name``; return its run dir."""
+                     progress: Callable[[str, int, dict[str, Any]], None] | None = None,
+                     device: str | None = None, announce: Callable[[str], None] | None = None) -> Path:
+    """Take part in the federation described by ``bundle`` as site ``name``; return its run dir.
+
+    ``device`` overrides the plan's for this site; ``announce`` receives the one line saying
+    which device, precision and threads the site will use, before it connects."""
     from fedfair_med.runtime.openfl.taskrunner import SiteTaskRunner
     from fedfair_med.runtime.openfl.workspace import (
         FederationError, check_bundle_plan, check_site_credentials, plan_spec,
@@ -436,13 +440,23 @@ def run_collaborator(bundle: Path, name: str, *, manifest: str | Path | None = N
     plan = _parse(bundle / "plan")
     check_bundle_plan(bundle)
     spec = plan_spec(plan.config)
+    from fedfair_med.runtime.device import placement
+    from fedfair_med.runtime.openfl.protocol import FederationSpec
+
+    planned = FederationSpec.from_settings(spec).config()
+    placement(device or planned.device, planned.precision)  # unusable here: one line, before connecting
     args = plan.get_client_args(name, root_certificate=str(bundle / "cert/cert_chain.crt"),
                                 private_key=str(key), certificate=str(crt))
     client = BoundedClient(connect_timeout_s=connect_timeout_s, call_timeout_s=call_timeout_s, **args)
     client.ping()  # a refused plan or certificate shows now, before any data is loaded
     out_dir = bundle / "run"
     runner = SiteTaskRunner(spec, site=name, manifest=manifest, out_dir=out_dir, progress=progress,
-                            bundle=bundle)
+                            bundle=bundle, device=device)
+    from fedfair_med.runtime.device import start_line, write_site_record
+
+    write_site_record(out_dir, name, runner.site_runner.placement)
+    if announce is not None:
+        announce(start_line(runner.site_runner.placement))
     try:
         collaborator = plan.get_collaborator(name, task_runner=runner, client=client)
     except TypeError as err:  # a setting the plan's class does not take (e.g. a misspelt key)

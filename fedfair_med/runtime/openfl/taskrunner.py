@@ -54,8 +54,12 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_TASKS = ("synthetic-seg", "synthetic-cls")
 
 
-def load_site(spec: FederationSpec, site: str, manifest: str | Path | None = None) -> SiteRunner:
-    """This hospital's SiteRunner: its site of the seeded synthetic federation, or its manifest."""
+def load_site(spec: FederationSpec, site: str, manifest: str | Path | None = None,
+              device: str | None = None) -> SiteRunner:
+    """This hospital's SiteRunner: its site of the seeded synthetic federation, or its manifest.
+
+    ``device`` (``collaborator start --device``) overrides the plan's: each hospital has its own
+    hardware."""
     config = spec.config()
     task = build_task(config.task)
     if site not in spec.sites:
@@ -74,7 +78,8 @@ def load_site(spec: FederationSpec, site: str, manifest: str | Path | None = Non
         options = {k: v for k, v in config.data.items() if k != "manifests"}
         federation = task.load_federation(seed=config.seed, manifests=[str(manifest)], **options)
         data = federation.sites[0]
-    return SiteRunner(task, data, index, config, spec.group_vocabulary, tuple(spec.attributes))
+    return SiteRunner(task, data, index, config, spec.group_vocabulary, tuple(spec.attributes),
+                      device=device)
 
 
 class SiteTaskRunner(TaskRunner):
@@ -82,13 +87,14 @@ class SiteTaskRunner(TaskRunner):
 
     def __init__(self, spec: Mapping[str, Any], site: str, manifest: str | None = None,
                  out_dir: str | Path = ".", progress: Callable[[str, int, dict[str, Any]], None] | None = None,
-                 data_loader: Any = None, bundle: str | Path | None = None, **kwargs: Any) -> None:
+                 data_loader: Any = None, bundle: str | Path | None = None,
+                 device: str | None = None, **kwargs: Any) -> None:
         super().__init__(data_loader=data_loader, **kwargs)
         keep_freed_memory()
         self.spec = FederationSpec.from_settings(spec)
         self.spec_settings = dict(spec)
         self.config = self.spec.config()
-        self.site_runner = load_site(self.spec, site, manifest)
+        self.site_runner = load_site(self.spec, site, manifest, device=device)
         self.algorithm = build_algorithm(
             self.config.method, **method_params(self.config, REGISTRY[self.config.method]))
         self.model = build_global_model(self.config, self.site_runner.task)
