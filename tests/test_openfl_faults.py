@@ -204,6 +204,21 @@ def test_secure_federation_needs_every_sites_public_key(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "no key-agreement public key for site(s) ['site-a']" in said(result)
 
 
+def test_secure_schedule_frames_every_masked_phase_with_keys_and_unmasking() -> None:
+    from fedfair_med.runtime.openfl.protocol import (
+        EVALUATE, SECAGG_KEYS, SECAGG_UNMASK, STATISTICS, TRAIN, Schedule,
+    )
+
+    plain, secure = Schedule(2), Schedule(2, secure=True)
+    assert [plain.tasks(k) for k in range(3)] == [[TRAIN], [EVALUATE, TRAIN], [EVALUATE]]
+    assert [secure.tasks(k) for k in range(3)] == [
+        [SECAGG_KEYS, TRAIN, SECAGG_UNMASK], [EVALUATE, SECAGG_KEYS, TRAIN, SECAGG_UNMASK], [EVALUATE]]
+    stats = Schedule(1, statistics=True, secure=True)
+    assert [stats.tasks(k) for k in range(3)] == [
+        [SECAGG_KEYS, STATISTICS, SECAGG_UNMASK], [SECAGG_KEYS, TRAIN, SECAGG_UNMASK], [EVALUATE]]
+    assert secure.openfl_rounds == plain.openfl_rounds  # the steps run inside the same OpenFL round
+
+
 def test_secure_aggregation_is_refused_where_it_cannot_work() -> None:
     for method, reason in (("fednova", "n_s / a_s"), ("fairfed", "per-site")):
         with pytest.raises(FederationError, match=reason):
