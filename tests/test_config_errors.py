@@ -35,7 +35,7 @@ TINY = "task: {task}\nmethod: fedavg\nrounds: 1\nmax_steps: 1\n"
 @pytest.mark.parametrize("task, extra, message", [
     ("synthetic-seg", "data: {bogus: 1}", "data: unknown option(s) ['bogus'] for task 'synthetic-seg'"),
     ("synthetic-seg", "data: {scale: 0}", "scale: must be a positive number"),
-    ("synthetic-seg", "data: {scale: .nan}", "scale: must be a positive number"),
+    ("synthetic-seg", "data: {scale: .nan}", "data: scale: must be finite numbers, got nan"),
     ("synthetic-seg", "lr: .inf", "lr: must be a finite number"),
     ("synthetic-seg", "momentum: .nan", "momentum: must be a finite number"),
     ("synthetic-seg", "network: resnet18", "network resnet18: its output has shape (1, 1), but task "
