@@ -61,6 +61,23 @@ def test_the_frozen_linear_coefficient_overshoots_where_the_live_penalty_holds()
     assert abs(live.gap - reference.gap) <= TOLERANCE["sgd"]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_equal_accuracy_over_sites_stays_stable_and_near_central(optimizer):
+    """Groups = sites: a site holds all of its group, so a_k = N/n_s. Extrapolating the change
+    by a_k inside the quadratic makes the local problem (N/n_s)² stiffer and diverges at λ = 10
+    under SGD; the split (factor a_k on the loss, the change unscaled) keeps the exact start
+    gradient with curvature N/n_s."""
+    for lam in (1.0, 10.0):
+        with one_thread():
+            reference = central(lam, 60, optimizer, criterion="ea")
+            for steps, rounds in SCHEDULES:
+                fed = federated("flexfair", lam, steps, rounds, optimizer, criterion="ea")
+                assert abs(fed.gap - reference.gap) <= 0.05, (lam, steps, rounds, fed, reference)
+                if lam == 1.0:
+                    assert abs(fed.gap - reference.gap) <= 0.03, (steps, rounds, fed, reference)
+                    assert fed.task_loss <= 1.1 * reference.task_loss  # (Adam's is lower)
+
+
 def _hand_penalty(risks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Σ_k (R_k − Σ_j (N_j/N) R_j)², written out without the library."""
     pooled_mean = (counts * risks).sum() / counts.sum()
@@ -69,7 +86,8 @@ def _hand_penalty(risks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def test_default_live_penalty_is_the_proportional_quadratic_in_the_live_estimates():
     """One carried round, then the next round's first batch loss, checked against the formula
-    R_k^est = [S_k + (N/n_s)(N_k^s m_k(θ) − S_k^{s,0})] / N_k written out by hand."""
+    factor · P(R^est), R_k^est = S_k/N_k + (a_k/factor)(m_k(θ) − S_k^{s,0}/N_k^s),
+    a_k = (N/n_s)(N_k^s/N_k), factor = max(1, max_k a_k), written out by hand."""
     lam = 2.0
     sites = make_sites(0)
     algorithm = FlexFair(lam=lam)  # defaults: live, carried, proportional
@@ -105,10 +123,15 @@ def test_default_live_penalty_is_the_proportional_quadratic_in_the_live_estimate
     big_n = sum(sent[t][COUNTS] for t in sites)
     own_counts = torch.stack([(batch["group"] == g).sum() for g in (0, 1)]).double()
     own_mean = torch.stack([score[batch["group"] == g].mean() for g in (0, 1)])
-    scale = sum(len(d["group"]) for d in sites.values()) / len(batch["group"])
-    est = (big_s + scale * (own_counts * own_mean - sent[s][SUMS])) / big_n
+    # a_k = (N/n_s)(N_k^s/N_k): the site's change extrapolated to the federation, split as
+    # factor · (a_k / factor) with factor = max(1, max_k a_k) on the loss
+    a = sum(len(d["group"]) for d in sites.values()) / len(batch["group"]) * own_counts / big_n
+    factor = max(1.0, float(a.max()))
+    est = big_s / big_n + (a / factor) * (own_mean - sent[s][SUMS] / own_counts)
+    assert factor > 1.0  # site-b holds more of group 1 than its share: the split is exercised
     assert got is not None and got.requires_grad
-    assert float(got.detach()) == pytest.approx(lam * float(_hand_penalty(est, big_n)), rel=1e-6)
+    assert float(got.detach()) == pytest.approx(
+        lam * factor * float(_hand_penalty(est, big_n)), rel=1e-6)
     assert float(got.detach()) > 1e-4
 
 

@@ -11,15 +11,18 @@ them up and broadcasts the global sums S_k, counts N_k and the sites' total samp
 ``penalty: live`` (default). During local training site s keeps a *live* estimate of every
 global risk,
 
-    R_k^est(θ) = [S_k + (N / n_s) · (Ŝ_k^s(θ) − S_k^{s,0})] / N_k,
+    R_k^est(θ) = S_k / N_k + (a_k / f) · (m_k^s(θ) − S_k^{s,0} / N_k^s),
+    a_k = (N / n_s) · (N_k^s / N_k),  f = max(1, max_k a_k),
 
 where S_k^{s,0} is the site's own contribution to the broadcast sums (kept at the site, exact,
-never re-sent), Ŝ_k^s(θ) = N_k^s · (batch mean of group k's risk, with gradient; a detached
-running value while the group is absent from the batch), and adds λ · P(R^est) to each batch
-loss. P is re-evaluated at every step, so the penalty keeps its restoring force over many local
-steps. The N / n_s factor extrapolates the site's own change to the federation: FedAvg averages
-the sites' steps with weights n_s / N, so (a) at the round's start point the averaged gradient is
-exactly λ∇P, and (b) alike sites do not each close the whole gap and overshoot together.
+never re-sent) and m_k^s(θ) is the batch mean of group k's risk (with gradient; a detached
+running value while the group is absent from the batch), and adds λ · f · P(R^est) to each
+batch loss. P is re-evaluated at every step, so the penalty keeps its restoring force over many
+local steps. a_k extrapolates the site's own change to the federation: FedAvg averages the
+sites' steps with weights n_s / N, so (a) at the round's start point the averaged gradient is
+exactly λ∇P, and (b) alike sites do not each close the whole gap and overshoot together. The
+split between f and a_k / f keeps (a) while bounding the local curvature by a_k instead of a_k²
+— with equal accuracy a site *is* its group (a_k = N / n_s) and the unsplit form diverges.
 
 ``penalty: linear`` is the earlier form, kept for comparison: a frozen coefficient per group
 c_k = N g_k / N_k from the round's start and the loss λ · mean_i c_{k(i)} r_i — exact gradient at
@@ -177,11 +180,16 @@ class FlexFair(Algorithm):
             return None
         n_site = float(num_examples(ctx.loader))
         counts = broadcast[COUNTS].to(torch.float64)
+        # a_k = N/n_s · N_k^s / N_k: how far the site's own change in group k's mean moves R_k
+        # once extrapolated to the federation; split as factor · (a_k / factor), factor ≥ max a_k
+        extrapolation = (float(broadcast[WEIGHT_TOTAL]) / max(n_site, 1.0)
+                         * own.counts.to(torch.float64) / counts.clamp_min(1e-12))
+        factor = float(extrapolation.max().clamp_min(1.0))
         return {
             "sums": broadcast[SUMS].to(torch.float64), "counts": counts,
             "weights": group_weights(torch.where(counts >= MIN_GROUP_COUNT, counts, 0.0),
                                      self.params["weighting"]),
-            "scale": float(broadcast[WEIGHT_TOTAL]) / max(n_site, 1.0),  # N / n_s
+            "extrapolation": extrapolation / factor, "factor": factor,
             "own_sums": own.sums, "own_counts": own.counts,
             # the group means last seen at this site; start from its own contribution
             "running": torch.where(own.counts > 0, own.sums / own.counts.clamp_min(1), 0.0),
@@ -209,9 +217,8 @@ class FlexFair(Algorithm):
         counts = live["counts"].clamp_min(1e-12)
         held = live["own_counts"] > 0
         own_then = torch.where(held, live["own_sums"] / live["own_counts"].clamp_min(1), 0.0)
-        # R_k^est = [S_k + N/n_s · (N_k^s · mean_k − S_k^{s,0})] / N_k
-        scale = live["scale"] * live["own_counts"] / counts  # N/n_s · N_k^s / N_k
-        est = live["sums"] / counts + scale * (mean - own_then)
+        # R_k^est = S_k / N_k + (a_k / factor) · (mean_k − mean_k at the statistics)
+        est = live["sums"] / counts + live["extrapolation"] * (mean - own_then)
         return torch.where(live["counts"] >= MIN_GROUP_COUNT, est, torch.nan)
 
     def extra_loss(self, model: nn.Module, batch: Mapping[str, Any], logits: torch.Tensor,
@@ -222,7 +229,8 @@ class FlexFair(Algorithm):
         mask = ctx.objective.risk_mask(batch)
         if self._live is not None:
             risks = self.live_risks(self._risk(logits, batch, ctx), batch["group"], mask)
-            return (lam * penalty(risks, self._live["weights"])).to(logits.dtype)
+            factor = self._live["factor"]
+            return (lam * factor * penalty(risks, self._live["weights"])).to(logits.dtype)
         if self.params["penalty"] == "linear" and self._coef is not None:
             risk = ctx.objective.sample_risk(logits, batch)
             return lam * surrogate_penalty(risk, batch["group"], self._coef, mask)
