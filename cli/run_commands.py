@@ -18,7 +18,7 @@ console = Console()
 
 DEMO_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fedavg", {}),
-    ("flexfair", {"lam": 1.0}),  # live penalty: λ = 3 cost 0.12 pooled Dice on EA (issue 11)
+    ("flexfair", {"lam": 1.0}),  # λ = 3 narrows EA further but costs 0.05 pooled Dice (docs/methods.md)
 )
 
 

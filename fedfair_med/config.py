@@ -191,6 +191,12 @@ class RunConfig:
             problems.append(f"privacy.dp_sgd: not supported for method {self.method!r} (its local "
                             "step changes gradients outside per-sample clipping, or mixes samples); "
                             f"use one of {list(DP_SGD_METHODS)}")
+        if (settings.dp_sgd is not None and self.method == "flexfair"
+                and (self.method_params or {}).get("penalty", "live") == "live"):
+            problems.append("privacy.dp_sgd: flexfair's live penalty is a quadratic in batch means, "
+                            "so one sample's gradient depends on the others in its batch and "
+                            "per-sample clipping bounds nothing; use method_params: {penalty: linear} "
+                            "(a mean of per-sample terms) with DP-SGD")
         return problems
 
 

@@ -3,6 +3,8 @@ writer, with chosen header values (some broken), through the real importer, chec
 
 from __future__ import annotations
 
+import locale
+
 import csv
 import math
 from pathlib import Path
@@ -70,7 +72,11 @@ def write_series(vol: sitk.Image, folder: Path, tags: dict[str, str], *, drop: t
         for key, value in header.items():
             image.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"IM{k:04d}"))
+        locale_before = locale.setlocale(locale.LC_ALL, None)
         writer.Execute(image)
+        # GDCM's writer leaves the process in the "C" locale (measured: LC_ALL C.UTF-8 -> C),
+        # which turns every later default-encoding read in the test session into ASCII
+        locale.setlocale(locale.LC_ALL, locale_before)
     return folder
 
 

@@ -158,6 +158,12 @@ def test_bad_privacy_options_are_clear_config_errors(privacy, message) -> None:
 def test_privacy_refuses_settings_that_would_protect_nothing_or_break_the_proof() -> None:
     with pytest.raises(ConfigError, match="shares no group statistics"):
         load_config({"method": "fedavg", "privacy": STATS_PRIVACY})
+    # the live penalty couples the samples of a batch: per-sample clipping would bound nothing
+    with pytest.raises(ConfigError, match="penalty: linear"):
+        load_config({"task": "synthetic-cls", "method": "flexfair", "criterion": "dp",
+                     "attribute": "sex", "privacy": {"dp_sgd": DP_SGD}})
+    load_config({"task": "synthetic-cls", "method": "flexfair", "criterion": "dp", "attribute": "sex",
+                 "method_params": {"penalty": "linear"}, "privacy": {"dp_sgd": DP_SGD}})
     with pytest.raises(ConfigError, match="dp_sgd: not supported"):
         load_config({"method": "scaffold", "privacy": {"dp_sgd": {"noise_multiplier": 1.0,
                                                                   "max_grad_norm": 1.0}}})
@@ -240,8 +246,8 @@ def test_dp_sgd_one_round_records_epsilon_per_site(tmp_path) -> None:
     from opacus.accountants import RDPAccountant
 
     cfg = RunConfig(task="synthetic-cls", method="flexfair", criterion="dp", attribute="sex",
-                    method_params={"lam": 1.0}, rounds=1, max_steps=3, data={"scale": 0.25},
-                    privacy={"dp_sgd": DP_SGD})
+                    method_params={"lam": 1.0, "penalty": "linear"}, rounds=1, max_steps=3,
+                    data={"scale": 0.25}, privacy={"dp_sgd": DP_SGD})
     result = run_simulation(cfg, tmp_path / "dp")
     record = read_metrics(result.path)[0]
     assert math.isfinite(record["metric"])

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import pandas as pd
 import torch
 
-from fedfair_med.algorithms import build_algorithm
+from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.algorithms.base import Algorithm, StateDict, float_state, load_state
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.aggregate import combine_summaries
@@ -80,6 +80,20 @@ def method_params(config: RunConfig, algorithm_cls: type[Algorithm]) -> dict[str
     return params
 
 
+def build_run_algorithm(config: RunConfig, rounds: int) -> tuple[Algorithm, PrivacyLedger]:
+    """The run's method with its privacy wired in, as every runtime needs it.
+
+    Both runtimes (and, in a federation, the aggregator and every collaborator) call this, so a
+    site noises its shared statistics with exactly the σ and seeded stream that the simulation
+    uses, and the server clamps the pooled noisy statistics the same way.
+    """
+    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
+    ledger = PrivacyLedger.from_option(config.privacy, rounds=rounds, seed=config.seed)
+    if ledger.statistics is not None:  # noise the group statistics before they leave each site
+        algorithm.statistics_privacy = ledger.statistics  # type: ignore[attr-defined]
+    return algorithm, ledger
+
+
 def warn_if_penalty_is_normalised_away(config: RunConfig, optimizer: str) -> None:
     """FlexFair-EA rescales each site's own loss; a local Adam step largely undoes that.
 
@@ -132,8 +146,6 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
 def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
               made: Any) -> RunResult:
     """The rounds, written into a staging RunDirectory handed to ``made`` as soon as it exists."""
-    from fedfair_med.algorithms import REGISTRY
-
     keep_freed_memory()  # model-sized copies every round reuse heap pages (runtime/memory.py)
     task = build_task(config.task)
     sites = build_sites(config, task)
@@ -146,16 +158,13 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
         device=str(sites[0].placement.device), precision=sites[0].placement.precision,
     )
     made(rundir)
-    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
+    rounds = resolved.rounds
+    algorithm, ledger = build_run_algorithm(config, rounds)
     warn_if_penalty_is_normalised_away(config, resolved.settings.optimizer)
     model = build_global_model(config, task)
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [s.name for s in sites])
-    rounds = resolved.rounds
     eval_every = int(getattr(config, "eval_every", 1) or 1)
-    ledger = PrivacyLedger.from_option(config.privacy, rounds=rounds, seed=config.seed)
-    if ledger.statistics is not None:  # noise the group statistics before they leave each site
-        algorithm.statistics_privacy = ledger.statistics  # type: ignore[attr-defined]
     classification = task.kind == CLASSIFICATION
     history: list[dict[str, Any]] = []
     started = time.perf_counter()

@@ -16,7 +16,8 @@ class _Synthetic(Task):
     generator: Any = None
 
     def data_options(self) -> set[str]:
-        return keyword_names(type(self).generator) - {"sites"}
+        # the generator's options, plus any a subclass's load_federation names (benchmarks do)
+        return (keyword_names(type(self).generator) | keyword_names(self.load_federation)) - {"sites"}
 
     def data_problems(self, data: Mapping[str, Any]) -> list[str]:
         problems = super().data_problems(data)

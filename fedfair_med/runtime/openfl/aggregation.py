@@ -38,11 +38,11 @@ from openfl.component.aggregator.aggregator import Aggregator
 from openfl.interface.aggregation_functions.core.interface import AggregationFunction
 from openfl.utilities import TensorKey
 
-from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.algorithms.base import ClientUpdate, StateDict
 from fedfair_med.fairness.aggregate import combine_summaries
 from fedfair_med.fairness.bootstrap import BootstrapPrivacy, combine_replicates
-from fedfair_med.runtime.local import method_params
+from fedfair_med.privacy.settings import PrivacyLedger
+from fedfair_med.runtime.local import build_run_algorithm
 from fedfair_med.runtime.openfl.protocol import (
     EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
     TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
@@ -96,8 +96,8 @@ class MethodAggregation(AggregationFunction):
         self.spec_settings = dict(spec)
         self.config = self.spec.config()
         task = build_task(self.config.task)
-        self.algorithm = build_algorithm(
-            self.config.method, **method_params(self.config, REGISTRY[self.config.method]))
+        # statistics DP: the server clamps the pooled noisy statistics as the simulation does
+        self.algorithm, _ = build_run_algorithm(self.config, self.spec.schedule.rounds)
         self.layout = ModelLayout(build_global_model(self.config, task).state_dict())
         self.model_keys = self.layout.names
         self._cache: dict[int, dict[str, np.ndarray]] = {}
@@ -208,6 +208,9 @@ class FedFairAggregator(Aggregator):
         self.spec_settings = dict(spec)
         self._bootstrap: dict[str, Any] | None = None
         self.config = self.spec.config()
+        #: the statistics' privacy budget, reported per round and in privacy.json
+        self.ledger = PrivacyLedger.from_option(self.config.privacy, rounds=self.spec.schedule.rounds,
+                                                seed=self.config.seed)
         self.classification = build_task(self.config.task).kind == CLASSIFICATION
         self.layout = ModelLayout(build_global_model(self.config, build_task(self.config.task)).state_dict())
         self.model_keys = self.layout.names
@@ -336,6 +339,8 @@ class FedFairAggregator(Aggregator):
         if dropped:
             record["dropped"] = dropped
             self.dropped[evaluated] = dropped
+        if self.ledger.statistics is not None:  # the budget spent so far (DP-SGD is per site)
+            record["privacy"] = self.ledger.round_record(evaluated, {})
         self.rundir.log_round(record)
         self._records.append(json_safe(record))
         self._last_record = record
@@ -359,6 +364,8 @@ class FedFairAggregator(Aggregator):
 
     def _finish(self, final_model: Mapping[str, np.ndarray]) -> None:
         self.rundir.save_model({k: to_torch(v) for k, v in final_model.items()})
+        if self.ledger.statistics is not None:
+            self.rundir.write_json("privacy.json", self.ledger.summary(self.spec.schedule.rounds, {}))
         self.rundir.write_json("federation.json", {
             "sites": self.spec.sites,
             "dropped": {str(r): s for r, s in sorted(self.dropped.items())},

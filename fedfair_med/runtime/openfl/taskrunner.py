@@ -35,8 +35,7 @@ from openfl.component.collaborator.collaborator import Collaborator
 from openfl.federated.task.runner import TaskRunner
 from openfl.utilities import TensorKey
 
-from fedfair_med.algorithms import REGISTRY, build_algorithm
-from fedfair_med.runtime.local import method_params
+from fedfair_med.runtime.local import build_run_algorithm
 from fedfair_med.runtime.openfl.protocol import (
     EVALUATE, EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, STATISTICS,
     SUMMARY_PREFIX, SUMMARY_TAG, TRAIN, TRAINED_TAG, FederationSpec, summary_to_tables, to_numpy,
@@ -95,8 +94,8 @@ class SiteTaskRunner(TaskRunner):
         self.spec_settings = dict(spec)
         self.config = self.spec.config()
         self.site_runner = load_site(self.spec, site, manifest, device=device)
-        self.algorithm = build_algorithm(
-            self.config.method, **method_params(self.config, REGISTRY[self.config.method]))
+        # statistics DP: this site noises what it sends exactly as the simulation does
+        self.algorithm, _ = build_run_algorithm(self.config, self.spec.schedule.rounds)
         self.model = build_global_model(self.config, self.site_runner.task)
         self.layout = ModelLayout(self.model.state_dict())
         self.model_keys = self.layout.names

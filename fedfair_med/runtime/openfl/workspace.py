@@ -169,10 +169,6 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
         config = config_from_mapping(raw)
     except ConfigError as err:
         raise FederationError(str(err).replace("\n", " ")) from None
-    if "statistics_epsilon" in (config.privacy or {}):  # no silent no-op (issue 11)
-        raise FederationError("privacy.statistics_epsilon: DP noise on the shared statistics is added "
-                              "only by the in-process runtime (simulate), not yet by OpenFL "
-                              "collaborators; remove it or use simulate")
     if secure_aggregation:
         from fedfair_med.runtime.openfl.secure import method_problem
 
