@@ -58,6 +58,10 @@ def _as_array(values: Any, name: str) -> np.ndarray:
     elif hasattr(values, "to_numpy"):  # pandas Series / Index / single-column frame
         values = values.to_numpy()
     array = np.asarray(values)
+    if array.dtype.kind in "US" and isinstance(values, (list, tuple)) and any(
+            v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        # numpy would turn None / NaN among strings into the strings "None" / "nan" — a group
+        array = np.asarray(values, dtype=object)
     if array.ndim == 0:
         raise ValueError(f"{name} must be a 1-D sequence, got a scalar")
     if array.ndim > 1:
