@@ -24,7 +24,7 @@ running variance could make it negative.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

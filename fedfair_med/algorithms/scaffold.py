@@ -23,7 +23,7 @@ BatchNorm running statistics are buffers, not gradient steps: they take FedAvg's
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ adds ``group``, the index of the sample's fairness group, or −1 when the attri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset

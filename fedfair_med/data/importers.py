@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from fedfair_med.data.manifest import normalise_age, normalise_sex, write_manifest
+from fedfair_med.data.manifest import HAM10000_MALIGNANT, normalise_age, normalise_sex, write_manifest
 
 
 class DatasetLayoutError(ValueError):
@@ -75,7 +75,6 @@ DEFAULT_TEST_FRACTION = {
 DEFAULT_VAL_FRACTION: dict[str, float | None] = {
     "chase": 0.15, "stare": 0.15, "kvasir": 0.15, "cvc-clinicdb": None, "ham10000": 0.15,
 }
-MALIGNANT_DX = frozenset({"mel", "bcc", "akiec"})
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -271,7 +270,7 @@ def import_ham10000(src: Path, out: Path, *, test_fraction: float, seed: int, li
             image = images.get(image_id, src / "images" / f"{image_id}.jpg")  # a missing file is reported by check
             rows.append({
                 "id": image_id, "image": str(image),
-                "label": "1" if record["dx"].strip().lower() in MALIGNANT_DX else "0",
+                "label": "1" if record["dx"].strip().lower() in HAM10000_MALIGNANT else "0",
                 "split": _assign(record["lesion_id"].strip(), test_lesions, val_lesions),
                 "sex": normalise_sex(record["sex"])[0], "age": normalise_age(record["age"])[0],
             })

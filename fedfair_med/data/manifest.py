@@ -51,6 +51,12 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _COMMENT_KEY = re.compile(r"^#\s*(site|task)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 
 
+#: HAM10000 / ISIC diagnosis codes: melanoma, basal-cell carcinoma and actinic keratosis (incl.
+#: intra-epithelial carcinoma) are the malignant class — the one place this fact lives.
+HAM10000_MALIGNANT = ("mel", "bcc", "akiec")
+HAM10000_BENIGN = ("nv", "bkl", "df", "vasc")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One finding about a manifest; ``row`` is the CSV line number, ``field`` the column."""

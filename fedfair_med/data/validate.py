@@ -35,6 +35,7 @@ import numpy as np
 
 from fedfair_med.data.federation import age_band
 from fedfair_med.data.manifest import (
+    HAM10000_BENIGN, HAM10000_MALIGNANT,
     SPLITS, Manifest, ManifestRow, Problem, normalise_age, normalise_sex,
 )
 
@@ -50,11 +51,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUMMARY_AGE_EDGES = (60,)
 
 BINARY_CLASSES: Mapping[str, int] = {"0": 0, "1": 1}
-#: HAM10000 / ISIC diagnosis codes: melanoma, basal-cell carcinoma and actinic keratosis
-#: (incl. intra-epithelial carcinoma) are the malignant class.
+#: 0/1, benign/malignant, or a HAM10000 diagnosis code (data/manifest.py says which are malignant)
 SKIN_CLASSES: Mapping[str, int] = {
     **BINARY_CLASSES, "benign": 0, "malignant": 1,
-    "mel": 1, "bcc": 1, "akiec": 1, "nv": 0, "bkl": 0, "df": 0, "vasc": 0,
+    **{code: 1 for code in HAM10000_MALIGNANT}, **{code: 0 for code in HAM10000_BENIGN},
 }
 
 
@@ -80,11 +80,6 @@ def task_format(task: str) -> TaskFormat:
         return TASK_FORMATS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_FORMATS)}") from None
-
-
-def class_index(label: str, classes: Mapping[str, int] | None = None) -> int:
-    """The class index of a classification label (case-insensitive); KeyError when unknown."""
-    return (classes or BINARY_CLASSES)[label.strip().lower()]
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fedfair_med.experiments.sweep import Selection, Sweep, SweepError
+from fedfair_med.experiments.plan import Selection, Sweep, SweepError
 from fedfair_med.runtime.rundir import read_metrics
 
 NAN = float("nan")

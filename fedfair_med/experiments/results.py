@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fedfair_med.experiments.sweep import (
+from fedfair_med.experiments.plan import (
     PlannedRun,
     Selection,
     Sweep,

@@ -253,7 +253,6 @@ def build_report(
                 " groups and gaps"
             )
 
-    extra: dict[str, dict[str, float]] = {}
     if kind == "classification":
         score = pd.to_numeric(predictions["score"], errors="coerce").to_numpy(np.float64)
         y_pred = pd.to_numeric(predictions["y_pred"], errors="coerce").to_numpy(np.float64)

@@ -37,8 +37,6 @@ __all__ = [
     "print_summary",
 ]
 
-REPORT_FILES = ("report.json", "report.md", "report.html")
-
 
 class RunDirectoryError(ValueError):
     """The run directory is missing, incomplete or unreadable (message fits on one line)."""

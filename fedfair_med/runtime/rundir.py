@@ -27,7 +27,6 @@ import torch
 from fedfair_med.config import RunConfig, dump_config
 from fedfair_med.reporting.audit import json_safe
 
-RUN_FILES = ("run.yaml", "metrics.jsonl", "report.json", "model.pt")
 STATUS_FILE = "status.json"
 STAGING_MARK = ".incomplete-"
 

@@ -30,16 +30,14 @@ import torch.nn.functional as F
 from monai.transforms import Compose, MapTransform, Resized
 
 from fedfair_med.data.federation import SiteData
-from fedfair_med.data.manifest import Manifest, ManifestRow
+from fedfair_med.data.manifest import HAM10000_BENIGN, HAM10000_MALIGNANT, Manifest, ManifestRow
 from fedfair_med.tasks.base import CLASSIFICATION, TaskDefaults
 from fedfair_med.tasks.imaging import (
     IMAGE, LABEL, EnsureChannelsd, ImagingTask, colour_augmentation, finish,
     geometric_augmentation, load_rgb, to_unit_range,
 )
 
-HAM10000_MALIGNANT = ("mel", "bcc", "akiec")
 METADATA_INPUTS = ("age", "sex")
-HAM10000_BENIGN = ("nv", "bkl", "df", "vasc")
 _NAMED = {"benign": 0, "malignant": 1}
 
 

@@ -499,9 +499,3 @@ def federated_report(record: Mapping[str, Any], config: Any, sites: list[str],
     })
 
 
-def dropped_sites(run_dir: Path) -> dict[str, list[str]]:
-    """Which sites dropped out of which method round (from ``federation.json``)."""
-    path = Path(run_dir) / "federation.json"
-    return json.loads(path.read_text())["dropped"] if path.exists() else {}
-
-

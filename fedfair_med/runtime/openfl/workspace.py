@@ -37,7 +37,7 @@ from fedfair_med.config import ConfigError, RunConfig, config_from_mapping
 from fedfair_med.data.federation import age_band
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.protocol import (
-    EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state, to_numpy,
+    EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state,
 )
 from fedfair_med.runtime.openfl.protocol import SECAGG_KEYS, SECAGG_UNMASK
 from fedfair_med.runtime.site import build_global_model, resolve
@@ -598,7 +598,3 @@ def check_bundle_plan(bundle: Path) -> None:
 
 def bundle_site(bundle: Path) -> str:
     return json.loads((Path(bundle) / "site.json").read_text())["site"]
-
-
-def package_resources() -> list[str]:  # for packaging checks
-    return [p.name for p in resources.files("fedfair_med.plans").iterdir()]
