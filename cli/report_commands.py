@@ -8,9 +8,11 @@ on one hospital's own manifest and writes predictions.csv and the same reports t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import typer
+
+from fedfair_med.cli.errors import fail as _fail
 
 
 def _parse_edges(text: str) -> tuple[float, ...]:
@@ -24,11 +26,6 @@ def _parse_edges(text: str) -> tuple[float, ...]:
     return edges
 
 
-def _fail(message: str) -> NoReturn:
-    # typer.echo, not Rich: Rich wraps long paths, and an error must read as one message.
-    # Exit 1 for every error a command reports itself (README "Exit codes").
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=1)
 
 
 def unfinished_run(run_dir: Path) -> str | None:

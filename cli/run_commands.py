@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedfair_med.cli.errors import fail as _fail
 from fedfair_med.config import ConfigError, RunConfig, load_config
 
 console = Console()
@@ -124,10 +125,6 @@ def site_table(results: dict[str, Any], metric_name: str) -> Table:
     return table
 
 
-def _fail(message: str) -> NoReturn:
-    # Exit 1 for every error a command reports itself (README "Exit codes").
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 def default_run_name(config: RunConfig) -> str:

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedfair_med.cli.errors import fail as _fail
+
 console = Console(highlight=False)
 
 
@@ -48,9 +50,6 @@ class RichSweepProgress:
         self.progress.update(self.task_id, advance=1, description=self._describe())
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)  # exit 1 for every error a command reports itself (README "Exit codes")
 
 
 def plan_table(sweep: Any, out: Path, results: Optional[Path] = None) -> Table:
