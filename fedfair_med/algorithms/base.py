@@ -582,19 +582,25 @@ def cpu_state(tensors: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: (v if v.device.type == "cpu" else v.detach().cpu()) for k, v in tensors.items()}
 
 
+#: precision setting -> autocast dtype; "32" (absent) runs in full precision
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_autocast(device_type: str, precision: str) -> Any:
+    """Mixed precision for forward passes on ``device_type``; a no-op context at precision 32,
+    so CPU runs keep their bits."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
 def local_precision(ctx: SiteContext) -> tuple[Callable[[], Any], Any]:
     """(autocast context factory, GradScaler or None) for the round's precision.
 
-    At precision 32 the context is a no-op, so CPU runs keep their bits. fp16 needs a gradient
-    scaler (small gradients underflow in float16); bf16 has float32's range and does not.
+    fp16 needs a gradient scaler (small gradients underflow in float16); bf16 has float32's
+    range and does not.
     """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.precision)
-    if dtype is None:
-        return contextlib.nullcontext, None
     kind = torch.device(ctx.device).type
-
-    def autocast() -> Any:
-        return torch.autocast(device_type=kind, dtype=dtype)
-
     scaler = torch.amp.GradScaler(kind) if ctx.precision == "fp16" else None
-    return autocast, scaler
+    return (lambda: precision_autocast(kind, ctx.precision)), scaler

@@ -8,7 +8,6 @@ nothing here changes a number: every helper is then the identity.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from fedfair_med.algorithms.base import precision_autocast
 from fedfair_med.config import ConfigError, device_problem, normalise_precision
 
 #: torch's documented setting for deterministic cuBLAS (the smaller ``:16:8`` is slower)
@@ -64,22 +64,9 @@ class Placement:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
     def autocast(self) -> ContextManager[Any]:
-        """Mixed precision for forward passes; a no-op context at precision 32."""
-        dtype = self.autocast_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def grad_scaler(self) -> Any:
-        """fp16 needs loss scaling (gradients underflow otherwise); bf16 and 32 do not."""
-        if self.precision != "fp16":
-            return None
-        return torch.amp.GradScaler(self.device.type)
+        """Mixed precision for forward passes (evaluation); a no-op context at precision 32."""
+        return precision_autocast(self.device.type, self.precision)
 
     def describe(self) -> str:
         """e.g. ``device cpu (auto: no CUDA here)``."""
