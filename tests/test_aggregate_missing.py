@@ -1,5 +1,5 @@
 """One definition of a fairness gap when the attribute is missing: the gaps the runtimes write
-(fairness/aggregate.py, from site summaries) equal fairness/metrics.py on the pooled samples —
+(fairness/site_summaries.py) equal fairness/metrics.py on the pooled samples —
 missing-attribute samples belong to no group and are left out of the pooled mean."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedfair_med.fairness.aggregate import combine_summaries, site_summary
+from fedfair_med.fairness.site_summaries import combine_summaries, site_summary
 from fedfair_med.fairness.metrics import demographic_parity_gap, equal_opportunity_gap
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedfair_med.fairness.aggregate import combine_summaries, site_summary
+from fedfair_med.fairness.site_summaries import combine_summaries, site_summary
 from fedfair_med.fairness.bootstrap import (
     FIELDS, BootstrapPrivacy, combine_replicates, poisson_bootstrap, replicate_weights, site_replicates,
 )

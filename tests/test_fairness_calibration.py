@@ -17,7 +17,7 @@ from fedfair_med.fairness import (
     group_roc_auc,
     roc_auc,
 )
-from fedfair_med.fairness.aggregate import combine_summaries, site_summary
+from fedfair_med.fairness.site_summaries import combine_summaries, site_summary
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
 fairlearn_metrics = pytest.importorskip("fairlearn.metrics")

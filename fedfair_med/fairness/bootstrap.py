@@ -13,7 +13,7 @@ the metrics need, per group,
 positives), and sends these B × (1 + Σ_a V_a) × 5 numbers **once**, after the final evaluation.
 The server adds the sites' tables, reads every replicate's group means (metric = Σ w m / Σ w;
 P(ŷ=1) as the mean score for DP; the same restricted to y = 1 for EO), the pooled mean and the gaps
-EA / DP / EO exactly as :func:`~fedfair_med.fairness.aggregate.combine_summaries` does on the
+EA / DP / EO exactly as :func:`~fedfair_med.fairness.site_summaries.combine_summaries` does on the
 unweighted sums, and reports the percentile interval of each over the B replicates.
 
 Streams: sample i's B weights come from its own PCG64 generator, seeded by SHA-256 of (seed,
@@ -216,7 +216,7 @@ def combine_replicates(site_tables: Mapping[str, Mapping[str, np.ndarray]],
     """Percentile CIs of the pooled metric, every site, every group and every gap.
 
     The sites' tables are added in sorted site order; per replicate, the metrics and gaps are
-    those :func:`~fedfair_med.fairness.aggregate.combine_summaries` computes from unweighted sums
+    those :func:`~fedfair_med.fairness.site_summaries.combine_summaries` computes from unweighted sums
     (EA over sites; DP and EO over each attribute but ``age``, for classification only).
     """
     sites = sorted(site_tables)

@@ -26,7 +26,7 @@ import torch
 from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.algorithms.base import Algorithm, StateDict, float_state, load_state
 from fedfair_med.config import RunConfig
-from fedfair_med.fairness.aggregate import combine_summaries
+from fedfair_med.fairness.site_summaries import combine_summaries
 from fedfair_med.privacy.settings import PrivacyLedger
 from fedfair_med.runtime.memory import keep_freed_memory
 from fedfair_med.runtime.rundir import RunDirectory

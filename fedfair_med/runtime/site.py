@@ -21,7 +21,7 @@ from fedfair_med.algorithms.base import (
 from fedfair_med.config import RunConfig
 from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
 from fedfair_med.data.prefetch import BackgroundBatches, prefetch_enabled
-from fedfair_med.fairness.aggregate import site_summary
+from fedfair_med.fairness.site_summaries import site_summary
 from fedfair_med.fairness.criteria import Criterion
 from fedfair_med.runtime.device import Placement, apply_determinism, placement
 from fedfair_med.tasks.base import Task

@@ -39,7 +39,7 @@ from openfl.interface.aggregation_functions.core.interface import AggregationFun
 from openfl.utilities import TensorKey
 
 from fedfair_med.algorithms.base import ClientUpdate, StateDict
-from fedfair_med.fairness.aggregate import combine_summaries
+from fedfair_med.fairness.site_summaries import combine_summaries
 from fedfair_med.fairness.bootstrap import BootstrapPrivacy, combine_replicates
 from fedfair_med.privacy.settings import PrivacyLedger
 from fedfair_med.runtime.local import build_run_algorithm
