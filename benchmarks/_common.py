@@ -212,7 +212,7 @@ class FederatedRounds:
         from fedfair_med.runtime.site import build_global_model
         from fedfair_med.tasks import build_task
 
-        from fedfair_med.runtime.memory import keep_freed_memory
+        from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 
         config.validate()
         keep_freed_memory()  # as run_simulation does

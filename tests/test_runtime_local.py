@@ -186,7 +186,7 @@ def test_allocator_tuning_keeps_freed_model_sized_blocks_in_the_heap(tmp_path) -
 
     probe = textwrap.dedent("""
         import os, sys, torch
-        from fedfair_med.runtime.memory import keep_freed_memory
+        from fedfair_med.runtime.malloc_tuning import keep_freed_memory
         def rss():
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

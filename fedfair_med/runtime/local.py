@@ -28,7 +28,7 @@ from fedfair_med.algorithms.base import Algorithm, StateDict, float_state, load_
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.site_summaries import combine_summaries
 from fedfair_med.privacy.settings import PrivacyLedger
-from fedfair_med.runtime.memory import keep_freed_memory
+from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 from fedfair_med.runtime.rundir import RunDirectory
 from fedfair_med.runtime.site import SiteRunner, build_global_model, derive_seed, resolve
 from fedfair_med.tasks import build_task
@@ -146,7 +146,7 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
 def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
               made: Any) -> RunResult:
     """The rounds, written into a staging RunDirectory handed to ``made`` as soon as it exists."""
-    keep_freed_memory()  # model-sized copies every round reuse heap pages (runtime/memory.py)
+    keep_freed_memory()  # model-sized copies every round reuse heap pages (runtime/malloc_tuning.py)
     task = build_task(config.task)
     sites = build_sites(config, task)
     resolved = resolve(config, task)

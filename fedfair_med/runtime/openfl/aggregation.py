@@ -53,7 +53,7 @@ from fedfair_med.runtime.openfl.protocol import PACKED, SECAGG_KEYS, STATISTICS,
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
 from fedfair_med.runtime.rundir import RunDirectory
-from fedfair_med.runtime.memory import keep_freed_memory
+from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 from fedfair_med.runtime.site import build_global_model, derive_seed
 from fedfair_med.tasks import build_task
 from fedfair_med.tasks.base import CLASSIFICATION

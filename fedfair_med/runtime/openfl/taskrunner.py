@@ -44,7 +44,7 @@ from fedfair_med.runtime.openfl.protocol import (
 )
 from fedfair_med.runtime.openfl import secure
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
-from fedfair_med.runtime.memory import keep_freed_memory
+from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 from fedfair_med.runtime.site import SiteRunner, build_global_model
 from fedfair_med.tasks import build_task
 
