@@ -77,10 +77,10 @@ def _report_run(run_dir: Path, min_group_size: int, age_edges: Optional[str]) ->
         paths = write_reports(run_dir, min_group_size=min_group_size, age_edges=edges)
     except (RunDirectoryError, ValueError, OSError) as error:
         _fail(str(error))
-    from fedfair_med.reporting.render import _title, load_config
+    from fedfair_med.reporting.render import _title, read_run_yaml
 
     console = Console(highlight=False)
-    title, subtitle = _title(load_config(run_dir))
+    title, subtitle = _title(read_run_yaml(run_dir))
     console.print(f"run {run_dir}: {title}" + (f" ({subtitle})" if subtitle else ""), markup=False)
     print_summary(json.loads(paths["json"].read_text(encoding="utf-8")), console)
     if not (run_dir / "predictions.csv").exists():

@@ -28,7 +28,7 @@ from fedfair_med.reporting.audit import CORE_COLUMNS, DECISION_GAPS_DEFINITION, 
 
 __all__ = [
     "RunDirectoryError",
-    "load_config",
+    "read_run_yaml",
     "load_rounds",
     "load_predictions",
     "write_reports",
@@ -43,8 +43,10 @@ class RunDirectoryError(ValueError):
 
 
 # ---- reading the run directory ---------------------------------------------------------------
-def load_config(run_dir: Path) -> dict[str, Any]:
-    """``run.yaml`` as a dict ({} when the file is absent)."""
+def read_run_yaml(run_dir: Path) -> dict[str, Any]:
+    """``run.yaml`` as a plain dict ({} when the file is absent) — unlike
+    :func:`fedfair_med.config.load_config`, no :class:`RunConfig` and no validation, so a report
+    renders whatever configuration the run recorded."""
     path = Path(run_dir) / "run.yaml"
     if not path.exists():
         return {}
@@ -153,7 +155,7 @@ def write_reports(
         raise RunDirectoryError(f"run directory {str(run_dir)!r} does not exist")
     if not run_dir.is_dir():
         raise RunDirectoryError(f"{str(run_dir)!r} is not a directory")
-    config = load_config(run_dir)
+    config = read_run_yaml(run_dir)
     rounds = load_rounds(run_dir)
     predictions = load_predictions(run_dir)
     json_path = run_dir / "report.json"
