@@ -8,7 +8,7 @@ on one hospital's own manifest and writes predictions.csv and the same reports t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -42,24 +42,6 @@ def unfinished_run(run_dir: Path) -> str | None:
         return None
     return (f"{run_dir} holds an unfinished run (status {status.get('status')!r}, started "
             f"{status.get('started', '?')}); its files are not a complete result")
-
-
-def default_audit_dir(model: Path, manifest: Path) -> Path:
-    """``audit-<model's run>-<site>``: importers name every manifest manifest.csv, so the site is
-    its folder's name, and the model's run keeps audits of different models apart."""
-    site = manifest.stem if manifest.stem != "manifest" else (manifest.resolve().parent.name or "site")
-    run = model.resolve().parent.name if model.stem == "model" else model.stem
-    return Path(f"audit-{run}-{site}")
-
-
-def _predict_like_a_round(task: Any, site: Any, model: Any) -> Any:
-    """Score ``site.test`` with the site runtime's own evaluation loop (SiteRunner.predict)."""
-    from fedfair_med.config import RunConfig
-    from fedfair_med.runtime.site import SiteRunner
-
-    runner = SiteRunner(task, site, 0, RunConfig(task=task.name), [site.name],
-                        tuple(site.attributes))
-    return runner.predict(model, model.state_dict())
 
 
 def _report_run(run_dir: Path, min_group_size: int, age_edges: Optional[str]) -> None:
@@ -96,12 +78,12 @@ def _audit(model: Path, manifest: Path, task: Optional[str], attributes: list[st
            min_group_size: int, age_edges: Optional[str], force: bool = False) -> None:
     from rich.console import Console
 
+    from fedfair_med.reporting.render import print_summary
+    from fedfair_med.runtime.model_audit import (AuditError, audit_model, default_out_dir,
+                                                 read_run_settings)
     from fedfair_med.runtime.rundir import holds_run
 
-    from fedfair_med.reporting.model_audit import AuditError, audit_model, read_run_settings
-    from fedfair_med.reporting.render import print_summary
-
-    out = out if out is not None else default_audit_dir(model, manifest)
+    out = out if out is not None else default_out_dir(model, manifest)
     if holds_run(out) and not force:
         _fail(f"{out} already holds files; give another --out, or --force to replace them")
     try:
@@ -119,7 +101,7 @@ def _audit(model: Path, manifest: Path, task: Optional[str], attributes: list[st
         same_network = network is None or network == run.get("network")
         result = audit_model(
             task=str(task_name), weights=model, manifest=manifest,
-            predict=_predict_like_a_round, out_dir=out, attributes=attributes, split=split,
+            out_dir=out, attributes=attributes, split=split,
             age_edges=edges, min_group_size=min_group_size,
             network=network or run.get("network"),
             network_kwargs=run.get("network_kwargs") if same_network else None,

@@ -182,13 +182,13 @@ def test_flag_only_simulate_names_do_not_collide() -> None:
 
 
 def test_model_audits_of_different_sites_do_not_collide(tmp_path) -> None:
-    from fedfair_med.cli.report_commands import default_audit_dir
+    from fedfair_med.runtime.model_audit import default_out_dir
 
     model = tmp_path / "runs" / "fundus-flexfair" / "model.pt"
-    a = default_audit_dir(model, tmp_path / "sites" / "chase_db1" / "manifest.csv")
-    b = default_audit_dir(model, tmp_path / "sites" / "stare" / "manifest.csv")
+    a = default_out_dir(model, tmp_path / "sites" / "chase_db1" / "manifest.csv")
+    b = default_out_dir(model, tmp_path / "sites" / "stare" / "manifest.csv")
     assert a != b and a.name == "audit-fundus-flexfair-chase_db1"
-    assert default_audit_dir(tmp_path / "other" / "model.pt", tmp_path / "sites" / "stare" / "manifest.csv") != b
+    assert default_out_dir(tmp_path / "other" / "model.pt", tmp_path / "sites" / "stare" / "manifest.csv") != b
     out = tmp_path / "audit"
     out.mkdir()
     (out / "report.json").write_text("{}")

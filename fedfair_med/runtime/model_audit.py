@@ -7,9 +7,9 @@ hospital's site manifest through the task (the same evaluation transforms as a f
 scores every sample of the chosen split and writes ``predictions.csv``, ``report.json``,
 ``report.md`` and ``report.html`` into a local folder. Nothing leaves the machine.
 
-Per-sample scoring is the site runtime's own loop, passed in by the caller as ``predict``
-(reporting sits below the runtime and does not import it), so an audit scores a model exactly
-like the evaluation of a round. The numbers are those of
+It builds a task and a network, so it lives on the runtime floor, not in reporting. Per-sample
+scoring is the site runtime's own loop (:func:`predict_like_a_round`, ``SiteRunner.predict``), so
+an audit scores a model exactly like the evaluation of a round. The numbers are those of
 :func:`~fedfair_med.reporting.audit.build_report`: group means of the per-sample metric with
 95 % bootstrap intervals, and the EA / DP / EO gaps.
 """
@@ -28,10 +28,12 @@ import torch
 import yaml
 from torch import nn
 
+from fedfair_med.config import RunConfig
 from fedfair_med.data.federation import SiteData
 from fedfair_med.data.manifest import SPLITS, ManifestError, load_manifest
 from fedfair_med.reporting.audit import build_report
 from fedfair_med.reporting.render import render_html, render_markdown
+from fedfair_med.runtime.site import SiteRunner
 from fedfair_med.tasks import TASKS, build_task
 from fedfair_med.tasks.base import Task
 from fedfair_med.tasks.imaging import ImagingTask
@@ -40,6 +42,7 @@ __all__ = [
     "AuditError",
     "AuditResult",
     "Predictor",
+    "predict_like_a_round",
     "read_run_settings",
     "load_state_dict",
     "build_audited_model",
@@ -69,9 +72,20 @@ class AuditResult:
     predictions: pd.DataFrame
 
 
-def default_out_dir(manifest: str | Path) -> Path:
-    """``audit-<manifest stem>`` in the working directory."""
-    return Path(f"audit-{Path(manifest).stem}")
+def default_out_dir(weights: str | Path, manifest: str | Path) -> Path:
+    """``audit-<model's run>-<site>``: importers name every manifest manifest.csv, so the site is
+    its folder's name, and the model's run keeps audits of different models apart."""
+    manifest, weights = Path(manifest), Path(weights)
+    site = manifest.stem if manifest.stem != "manifest" else (manifest.resolve().parent.name or "site")
+    run = weights.resolve().parent.name if weights.stem == "model" else weights.stem
+    return Path(f"audit-{run}-{site}")
+
+
+def predict_like_a_round(task: Task, site: SiteData, model: nn.Module) -> pd.DataFrame:
+    """Score ``site.test`` with the site runtime's own evaluation loop (SiteRunner.predict)."""
+    runner = SiteRunner(task, site, 0, RunConfig(task=task.name), [site.name],
+                        tuple(site.attributes))
+    return runner.predict(model, model.state_dict())
 
 
 # ---- the run the model came from --------------------------------------------------------------
@@ -249,7 +263,7 @@ def audit_model(
     task: str,
     weights: str | Path,
     manifest: str | Path,
-    predict: Predictor,
+    predict: Predictor = predict_like_a_round,
     out_dir: str | Path | None = None,
     attributes: Sequence[str] | None = None,
     split: str = "test",
@@ -268,7 +282,7 @@ def audit_model(
     attributes; groups under ``min_group_size`` stay in the report, flagged and warned about.
     Besides EA over sites, ``gaps`` holds ``ea:<attr>`` for every audited attribute (and DP/EO
     for classification).
-    Files land in ``out_dir`` (default ``audit-<manifest stem>``): ``predictions.csv``,
+    Files land in ``out_dir`` (default :func:`default_out_dir`): ``predictions.csv``,
     ``report.json``, ``report.md``, ``report.html``.
     """
     try:
@@ -304,7 +318,7 @@ def audit_model(
         attribute_gaps=True,  # a one-site audit's site gap is 0: the attributes are the question
     )
 
-    out = Path(out_dir) if out_dir is not None else default_out_dir(manifest)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(weights, manifest)
     out.mkdir(parents=True, exist_ok=True)
     weights_path = Path(weights)
     config: dict[str, Any] = {"task": audited_task.name}
