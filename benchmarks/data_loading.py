@@ -130,7 +130,8 @@ def throughput(task_name: str, manifests: list[str], epochs: int) -> dict[str, A
 def training_wait(task_name: str, manifests: list[str], epochs: int) -> dict[str, Any]:
     """Share of local-training time spent in next(loader), per epoch, cached vs not."""
     from fedfair_med.algorithms import build_algorithm
-    from fedfair_med.algorithms.base import SiteContext, float_state
+    from fedfair_med.algorithms.base import float_state
+    from fedfair_med.contracts import SiteContext
     from fedfair_med.config import RunConfig
     from fedfair_med.data.federation import make_loader
     from fedfair_med.runtime.local import build_sites

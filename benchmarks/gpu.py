@@ -92,7 +92,8 @@ def throughput(network: str, kwargs: dict[str, Any], side: int, batch: int, out:
     ``device`` is ``cuda`` here; the tests pass ``cpu`` to check the code without a GPU."""
     import torch
 
-    from fedfair_med.algorithms.base import SiteContext, local_precision
+    from fedfair_med.algorithms.base import local_precision
+    from fedfair_med.contracts import SiteContext
     from fedfair_med.models import build_network
 
     device = torch.device(device)

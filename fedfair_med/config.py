@@ -235,7 +235,7 @@ def _network_problem(task_name: str, network: str | None, kwargs_json: str, data
 
     from fedfair_med.models import NETWORKS
     from fedfair_med.tasks import build_task
-    from fedfair_med.tasks.base import SEGMENTATION
+    from fedfair_med.contracts import SEGMENTATION
 
     task = build_task(task_name)
     name = network or task.defaults.network

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import LocalSettings, Objective, SiteContext, float_state, load_state
+from fedfair_med.algorithms.base import float_state, load_state
+from fedfair_med.contracts import LocalSettings, Objective, SiteContext
 from fedfair_med.fairness.penalty import pooled_penalty
 
 SIZES = {"site-a": 600, "site-b": 200}

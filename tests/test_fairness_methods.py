@@ -10,18 +10,12 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import (
-    ClientUpdate,
-    LocalSettings,
-    Objective,
-    SiteContext,
-    float_state,
-    weighted_average,
-)
+from fedfair_med.algorithms.base import float_state, weighted_average
 from fedfair_med.algorithms.dynamicfl import DynamicFL
 from fedfair_med.algorithms.fairfed import WEIGHT_KEY, FairFed
 from fedfair_med.algorithms.fairmixup import FairMixup, mixing_generator
 from fedfair_med.algorithms.fedavg import FedAvg
+from fedfair_med.contracts import ClientUpdate, LocalSettings, Objective, SiteContext
 from fedfair_med.data.federation import GroupedDataset, make_loader
 from fedfair_med.fairness.criteria import Criterion
 from fedfair_med.models import build_network

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import LocalSettings, SiteContext, float_state
+from fedfair_med.algorithms.base import float_state
 from fedfair_med.algorithms.flexfair import COEF, COUNTS, SUMS
 from fedfair_med.config import RunConfig
+from fedfair_med.contracts import LocalSettings, SiteContext
 from fedfair_med.data.federation import GroupedDataset, make_loader
 from fedfair_med.data.synthetic import synthetic_classification, synthetic_segmentation
 from fedfair_med.fairness.criteria import Criterion

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import LocalSettings, SiteContext, float_state
+from fedfair_med.algorithms.base import float_state
 from fedfair_med.algorithms.flexfair import COUNTS, SUMS, FlexFair
+from fedfair_med.contracts import LocalSettings, SiteContext
 from fedfair_med.fairness.penalty import pooled_penalty
 
 from flexfair_toy import central, federated, make_sites, objective, one_thread, start_model

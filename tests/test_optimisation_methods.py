@@ -16,20 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import (
-    Algorithm,
-    ClientUpdate,
-    LocalSettings,
-    Objective,
-    SiteContext,
-    StateDict,
-    float_state,
-    weighted_average,
-)
+from fedfair_med.algorithms.base import Algorithm, float_state, weighted_average
 from fedfair_med.algorithms.fedavg import FedAvg
 from fedfair_med.algorithms.fednova import FedNova
 from fedfair_med.algorithms.fedprox import FedProx
 from fedfair_med.algorithms.scaffold import Scaffold
+from fedfair_med.contracts import ClientUpdate, LocalSettings, Objective, SiteContext, StateDict
 from fedfair_med.data.federation import GroupedDataset
 from fedfair_med.data.synthetic import synthetic_segmentation
 from fedfair_med.fairness.criteria import Criterion

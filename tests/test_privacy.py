@@ -12,10 +12,10 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import chi2
 from torch import nn
 
-from fedfair_med.algorithms.base import LocalSettings, Objective, SiteContext
 from fedfair_med.algorithms.fairfed import FairFed
 from fedfair_med.algorithms.flexfair import COUNTS, SUMS, FlexFair
 from fedfair_med.config import ConfigError, RunConfig, load_config
+from fedfair_med.contracts import LocalSettings, Objective, SiteContext
 from fedfair_med.privacy import (
     calibrate_sigma, clamp_noisy_statistics, clip_risk, gaussian_epsilon, privatize_group_statistics,
 )

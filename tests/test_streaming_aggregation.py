@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import (
-    ClientUpdate,
-    CollectingAggregation,
-    LocalSettings,
-    StateDict,
-    WeightedSum,
-    weighted_average,
-)
+from fedfair_med.algorithms.base import CollectingAggregation, WeightedSum, weighted_average
 from fedfair_med.algorithms.scaffold import DELTA_C
+from fedfair_med.contracts import ClientUpdate, LocalSettings, StateDict
 
 from tests.test_optimisation_methods import GLOBAL, contexts, make_model
 

@@ -13,70 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass
-class Objective:
-    """The task-specific pieces of a site's local loss, supplied by the task.
-
-    ``task_loss(logits, batch)`` is the mean task loss of a batch; ``sample_risk(logits, batch)``
-    is the per-sample risk FlexFair and FairFed average per group (Dice loss or CE for equal
-    accuracy, P(y=1) for demographic parity / equal opportunity); ``risk_mask(batch)`` says which
-    samples count toward that risk (all, or y = 1 only for equal opportunity).
-    """
-
-    task_loss: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
-    sample_risk: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
-    risk_mask: Callable[[Mapping[str, Any]], torch.Tensor] = lambda batch: torch.ones(
-        len(batch["group"]), dtype=torch.bool
-    )
-
-
-@dataclass
-class LocalSettings:
-    """Hyper-parameters of one site's local training; identical across runtimes."""
-
-    epochs: int = 1
-    lr: float = 1e-3
-    optimizer: str = "adam"  # "adam" or "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    max_steps: int | None = None  # cap on optimiser steps per round (None: full epochs)
-
-
-@dataclass
-class SiteContext:
-    """What a site holds for one round: its name, data and the round's settings."""
-
-    site: str
-    site_index: int
-    loader: Iterable[Mapping[str, Any]]
-    objective: Objective
-    settings: LocalSettings
-    round: int
-    num_groups: int
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: forward-pass precision of the local loop: "32", "bf16" or "fp16" (autocast; fp16 scaled)
-    precision: str = "32"
-    #: DP-SGD hook set by the runtime (``fedfair_med.privacy.dpsgd.DPSGDSession``), else None:
-    #: ``attach(model, optimizer, loader)`` returns private replacements, ``detach(model)`` undoes.
-    private_training: Any = None
-
-
-@dataclass
-class ClientUpdate:
-    """What a site sends back: new weights, its sample count and fixed-size extras."""
-
-    state: StateDict
-    num_samples: int
-    extras: StateDict = field(default_factory=dict)
+from fedfair_med.contracts import (
+    ClientState, ClientUpdate, LocalSettings, Objective, SiteContext, StateDict,
+)
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

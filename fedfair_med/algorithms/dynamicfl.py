@@ -27,8 +27,9 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from fedfair_med.algorithms.base import Algorithm, SiteContext
+from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.params import check_choice, check_number
+from fedfair_med.contracts import SiteContext
 from fedfair_med.models.reparam import KERNEL_CHOICES, expand_convolutions, merge_convolutions
 
 

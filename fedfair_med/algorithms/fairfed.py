@@ -44,16 +44,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import (
-    Aggregation,
-    Algorithm,
-    ClientUpdate,
-    SiteContext,
-    StateDict,
-    move_batch,
-    num_examples,
-)
+from fedfair_med.algorithms.base import Aggregation, Algorithm, move_batch, num_examples
 from fedfair_med.algorithms.params import check_choice, check_number
+from fedfair_med.contracts import ClientUpdate, SiteContext, StateDict
 from fedfair_med.fairness.criteria import CRITERIA
 from fedfair_med.fairness.penalty import GroupStatistics, group_sums
 from fedfair_med.privacy.mechanism import clamp_noisy_statistics, clip_risk, privatize_group_statistics

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Algorithm, SiteContext, StateDict
+from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.params import check_number
-from fedfair_med.data.federation import MISSING
+from fedfair_med.contracts import MISSING, SiteContext, StateDict
 
 
 def attribute_strings(batch: Mapping[str, Any], attribute: str) -> list[str]:

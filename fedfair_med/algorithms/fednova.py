@@ -29,15 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import (
-    Aggregation,
-    Algorithm,
-    ClientUpdate,
-    LocalSettings,
-    SiteContext,
-    StateDict,
-)
+from fedfair_med.algorithms.base import Aggregation, Algorithm
 from fedfair_med.algorithms.params import check_number
+from fedfair_med.contracts import ClientUpdate, LocalSettings, SiteContext, StateDict
 
 NORMALISER = "fednova.a"
 PARAM_PREFIX = "fednova.param."

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Algorithm, SiteContext, StateDict
+from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.params import check_number
+from fedfair_med.contracts import SiteContext, StateDict
 
 
 class FedProx(Algorithm):

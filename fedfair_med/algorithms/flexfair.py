@@ -45,8 +45,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Algorithm, ClientUpdate, SiteContext, StateDict, num_examples
+from fedfair_med.algorithms.base import Algorithm, num_examples
 from fedfair_med.algorithms.params import check_choice, check_number
+from fedfair_med.contracts import ClientUpdate, SiteContext, StateDict
 from fedfair_med.fairness.penalty import (
     WEIGHTINGS, GroupStatistics, group_sums, group_weights, penalty, sample_coefficients,
     surrogate_penalty,

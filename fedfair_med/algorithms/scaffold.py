@@ -28,15 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import (
-    Aggregation,
-    Algorithm,
-    ClientUpdate,
-    LocalSettings,
-    SiteContext,
-    StateDict,
-)
+from fedfair_med.algorithms.base import Aggregation, Algorithm
 from fedfair_med.algorithms.params import check_number
+from fedfair_med.contracts import ClientUpdate, LocalSettings, SiteContext, StateDict
 
 SERVER_C = "scaffold.c."  # server state / broadcast: c per state entry
 SITE_C = "scaffold.ci."  # site_state: the site's own c_i, never sent

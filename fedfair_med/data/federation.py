@@ -14,23 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-MISSING = ""
-
-
-def age_band(age: Any, edges: Sequence[float] = (60,)) -> str:
-    """Band label for an age: with edges (60,) → '<=60' or '>60'; '' when age is missing."""
-    try:
-        value = float(age)
-    except (TypeError, ValueError):
-        return MISSING
-    if value != value:  # NaN
-        return MISSING
-    lower = None
-    for edge in edges:
-        if value <= edge:
-            return f"<={edge:g}" if lower is None else f"{lower:g}-{edge:g}"
-        lower = edge
-    return f">{edges[-1]:g}"
+from fedfair_med.contracts import MISSING, age_band  # noqa: F401 (age_band: old importers)
 
 
 @dataclass

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedfair_med.data.federation import Federation, SiteData, age_band
+from fedfair_med.contracts import age_band
+from fedfair_med.data.federation import Federation, SiteData
 
 
 @dataclass(frozen=True)

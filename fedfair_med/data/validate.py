@@ -33,14 +33,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedfair_med.data.federation import age_band
+from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION, age_band
 from fedfair_med.data.manifest import (
     HAM10000_BENIGN, HAM10000_MALIGNANT,
     SPLITS, Manifest, ManifestRow, Problem, normalise_age, normalise_sex,
 )
 
-SEGMENTATION = "segmentation"
-CLASSIFICATION = "classification"
 FORMAT_2D = "2d"
 FORMAT_NIFTI = "nifti"
 

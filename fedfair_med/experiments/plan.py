@@ -20,6 +20,7 @@ import yaml
 
 from fedfair_med.config import ConfigError, RunConfig, load_config
 
+from fedfair_med.contracts import SEGMENTATION
 SWEEP_KEYS = ("name", "base", "seeds", "select", "reference", "methods")
 METHOD_KEYS = ("method", "grid", "fixed", "settings")
 SELECT_KEYS = ("metric_weight", "gap_weight", "gap")
@@ -181,7 +182,7 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
     elif len(set(seeds)) != len(seeds):
         problems.append(f"seeds: repeated seed in {seeds}")
 
-    kind = "segmentation"
+    kind = SEGMENTATION
     if base_config is not None and base_config.task in TASKS:
         kind = TASKS[base_config.task].kind
     selection = Selection()
@@ -196,12 +197,12 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
         if key in select and not (_is_number(select[key]) and select[key] >= 0):
             problems.append(f"select.{key}: must be a number >= 0, got {select[key]!r}")
     if base_config is not None:
-        default_gap = ("ea" if kind == "segmentation"
+        default_gap = ("ea" if kind == SEGMENTATION
                        else criterion_gap(base_config.criterion, base_config.attribute))
         gap = select.get("gap", default_gap)
         if not isinstance(gap, str) or not re.match(r"^(ea|(dp|eo):[A-Za-z0-9_]+)$", gap):
             problems.append(f"select.gap: use 'ea', 'dp:ATTRIBUTE' or 'eo:ATTRIBUTE', got {gap!r}")
-        elif kind == "segmentation" and gap != "ea":
+        elif kind == SEGMENTATION and gap != "ea":
             problems.append(f"select.gap: segmentation runs report only the 'ea' gap, got {gap!r}")
         elif gap.endswith(":age"):
             problems.append("select.gap: raw age has no gap; use age_band")

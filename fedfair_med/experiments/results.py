@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION
 from fedfair_med.experiments.plan import (
     PlannedRun,
     Selection,
@@ -159,7 +160,7 @@ def load_study(path: Path) -> Study:
     selection = Selection(float(select.get("metric_weight", 1.0)),
                           float(select.get("gap_weight", 1.0)), str(select.get("gap", "ea")))
     runs: list[PlannedRun] = []
-    kind = "segmentation"
+    kind = SEGMENTATION
     for label, entry in methods.items():
         grid = sorted(((entry or {}).get("grid") or {}))
         for run_dir in sorted((path / str(label)).glob("*/seed-*")):
@@ -276,7 +277,7 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     lines += ["**(a) Primary protocol** (validation-selected setting, last-round test numbers).", "",
               table_markdown(table, caption(sweep.selection, len(sweep.seeds), metric_name,
                                             sweep.reference), metric_name, gap).rstrip(), ""]
-    if sweep.kind == "classification":
+    if sweep.kind == CLASSIFICATION:
         lines += quality_lines(study, chosen, gap)
     top = top_k_protocol(load_rounds(study), gap, k)
     lines += [f"**(b) The paper's protocol** (selects on the test split: for each seed the top "

@@ -38,6 +38,8 @@ from typing import Any, Hashable
 
 import numpy as np
 
+from fedfair_med.contracts import is_missing
+
 __all__ = [
     "is_missing",
     "group_means",
@@ -81,23 +83,6 @@ def _as_float_array(values: Any, name: str) -> np.ndarray:
     if not np.all(np.isfinite(out)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return out
-
-
-def is_missing(value: Any) -> bool:
-    """True for the package's 'unknown attribute' markers: ``""``, ``None``, NaN, pandas NA."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return value.strip() == ""
-    if isinstance(value, float):
-        return math.isnan(value)
-    try:
-        import pandas as pd
-
-        missing = pd.isna(value)
-        return bool(missing) if np.ndim(missing) == 0 else False
-    except (TypeError, ValueError):
-        return False
 
 
 def _group_keys(sensitive_features: Any, n: int) -> tuple[list[Hashable], np.ndarray]:

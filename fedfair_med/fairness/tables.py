@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from fedfair_med.data.federation import MISSING, age_band
-from fedfair_med.fairness.metrics import _as_array, _as_float_array, is_missing
+from fedfair_med.contracts import MISSING, age_band, is_missing
+from fedfair_med.fairness.metrics import _as_array, _as_float_array
 
 __all__ = ["bootstrap_ci", "group_table", "intersect", "age_bands", "GROUP_TABLE_COLUMNS"]
 
@@ -123,7 +123,7 @@ def intersect(*features: Any, names: Sequence[str] | None = None) -> list[str]:
 
 
 def age_bands(ages: Any, edges: Sequence[float] = (60,)) -> list[str]:
-    """Age-band label per sample (see :func:`fedfair_med.data.federation.age_band`)."""
+    """Age-band label per sample (see :func:`fedfair_med.contracts.age_band`)."""
     edges = tuple(float(e) for e in edges)
     if not edges or list(edges) != sorted(set(edges)):
         raise ValueError(f"age edges must be strictly increasing, got {edges}")

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from fedfair_med.data.federation import MISSING
+from fedfair_med.contracts import CLASSIFICATION, MISSING, TASK_KINDS
 from fedfair_med.fairness.metrics import (
     demographic_parity_gap,
     equal_accuracy_gap,
@@ -34,9 +34,8 @@ from fedfair_med.fairness.metrics import (
 )
 from fedfair_med.fairness.tables import age_bands, bootstrap_ci, group_table, intersect
 
-__all__ = ["build_report", "KINDS", "CORE_COLUMNS", "INTERSECTION_SEPARATOR", "gap_definition"]
+__all__ = ["build_report", "CORE_COLUMNS", "INTERSECTION_SEPARATOR", "gap_definition"]
 
-KINDS = ("segmentation", "classification")
 #: Columns of predictions.csv that are not sensitive attributes.
 CORE_COLUMNS = ("id", "site", "y_true", "score", "y_pred", "metric")
 INTERSECTION_SEPARATOR = "×"
@@ -224,13 +223,13 @@ def build_report(
     ``attribute_gaps`` (a model audit), ``gaps`` also holds ``ea:<attr>``, the EA gap of the
     primary metric over each attribute's groups, not only over sites.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind must be one of {TASK_KINDS}, got {kind!r}")
     if not isinstance(predictions, pd.DataFrame):
         raise ValueError("predictions must be a pandas DataFrame")
     if len(predictions) == 0:
         raise ValueError("predictions is empty")
-    required = ["site", "metric"] + (["y_true", "score", "y_pred"] if kind == "classification" else [])
+    required = ["site", "metric"] + (["y_true", "score", "y_pred"] if kind == CLASSIFICATION else [])
     missing_columns = [c for c in required if c not in predictions.columns]
     if missing_columns:
         raise ValueError(f"predictions lack column(s) {missing_columns}")
@@ -253,7 +252,7 @@ def build_report(
                 " groups and gaps"
             )
 
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         score = pd.to_numeric(predictions["score"], errors="coerce").to_numpy(np.float64)
         y_pred = pd.to_numeric(predictions["y_pred"], errors="coerce").to_numpy(np.float64)
         y_true = pd.to_numeric(predictions["y_true"], errors="coerce").to_numpy(np.float64)
@@ -264,7 +263,7 @@ def build_report(
     def table_rows(name: str, labels: list[str]) -> list[dict]:
         table = group_table(metric, sensitive_features=labels, attribute_name=name,
                             n_boot=n_boot, seed=seed, min_group_size=min_group_size)
-        if kind == "classification":
+        if kind == CLASSIFICATION:
             extra_cols = {"positive_rate": _per_group_mean(y_pred, labels),
                           "mean_score": _per_group_mean(score, labels),
                           **_quality_columns(y_true, score, labels)}
@@ -295,7 +294,7 @@ def build_report(
                 gaps[f"ea:{name}"] = float("nan")
                 warnings.append(f"ea:{name} undefined: {err}")
     decision_gaps: dict[str, float] = {}
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         for name, labels in grouping.items():
             try:
                 gaps[f"dp:{name}"] = demographic_parity_gap(y_true, score, sensitive_features=labels)
@@ -310,11 +309,11 @@ def build_report(
             decision_gaps.update(_decision_gaps(name, y_true, y_pred, labels))
 
     cis = _gap_cis(gaps, metric, sites, grouping, n_boot=n_boot, seed=seed,
-                   score=score if kind == "classification" else None,
-                   y_true=y_true if kind == "classification" else None)
+                   score=score if kind == CLASSIFICATION else None,
+                   y_true=y_true if kind == CLASSIFICATION else None)
     low, high = bootstrap_ci(metric, n_boot=n_boot, seed=seed)
     overall: dict[str, Any] = {"n": n, "metric": float(metric.mean()), "ci95": [low, high]}
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         overall["auc"] = roc_auc(y_true, score)
         overall["ece"] = expected_calibration_error(y_true, score)
     report = {
@@ -335,7 +334,7 @@ def build_report(
             "ci_level": 0.95,
         },
     }
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         report["decision_gaps"] = decision_gaps
     return json_safe(report)
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION, TASK_KINDS
 from fedfair_med.reporting.audit import CORE_COLUMNS, DECISION_GAPS_DEFINITION, build_report
 
 __all__ = [
@@ -116,7 +117,7 @@ def infer_kind(config: Mapping[str, Any], predictions: pd.DataFrame) -> str:
     metric is exactly their agreement (1/0 correctness); per-image Dice is not.
     """
     kind = _task_field(config, "kind")
-    if kind in ("segmentation", "classification"):
+    if kind in TASK_KINDS:
         return str(kind)
     needed = {"y_true", "y_pred", "metric"}
     if needed <= set(predictions.columns):
@@ -125,8 +126,8 @@ def infer_kind(config: Mapping[str, Any], predictions: pd.DataFrame) -> str:
         metric = pd.to_numeric(predictions["metric"], errors="coerce")
         labels = y_true.isin([0, 1]).all() and y_pred.isin([0, 1]).all()
         if labels and np.array_equal(metric.to_numpy(), (y_true == y_pred).to_numpy(float)):
-            return "classification"
-    return "segmentation"
+            return CLASSIFICATION
+    return SEGMENTATION
 
 
 def infer_attributes(config: Mapping[str, Any], predictions: pd.DataFrame) -> list[str]:
@@ -162,7 +163,7 @@ def write_reports(
     if predictions is not None:
         kind = infer_kind(config, predictions)
         primary = _task_field(config, "primary_metric") or (
-            "dice" if kind == "segmentation" else "accuracy")
+            "dice" if kind == SEGMENTATION else "accuracy")
         try:
             report = build_report(
                 predictions, kind=kind, attributes=infer_attributes(config, predictions),
@@ -347,7 +348,7 @@ def render_markdown(
     """The report as GitHub-flavoured Markdown (tables only, no images)."""
     title, subtitle = _title(config)
     metric_name = report.get("primary_metric", "metric")
-    classification = report.get("kind") == "classification"
+    classification = report.get("kind") == CLASSIFICATION
     overall = report["overall"]
     lines = [f"# Fairness report — {title}", ""]
     if subtitle:
@@ -445,7 +446,7 @@ def render_html(
         title=title,
         subtitle=subtitle,
         primary_metric=metric_name,
-        classification=report.get("kind") == "classification",
+        classification=report.get("kind") == CLASSIFICATION,
         # AUC, calibration and decision gaps: in reports built from predictions, not in a
         # federated run's report.json (its predictions stayed at the sites).
         quality="auc" in report["overall"],

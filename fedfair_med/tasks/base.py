@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedfair_med.algorithms.base import Objective
+from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION, Objective  # noqa: F401 (CLASSIFICATION: old importers)
 from fedfair_med.fairness.criteria import Criterion
-
-SEGMENTATION = "segmentation"
-CLASSIFICATION = "classification"
 
 
 @dataclass

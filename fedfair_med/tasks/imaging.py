@@ -49,9 +49,10 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from fedfair_med.data.federation import MISSING, Federation, SiteData, age_band
+from fedfair_med.contracts import MISSING, SEGMENTATION, age_band
+from fedfair_med.data.federation import Federation, SiteData
 from fedfair_med.data.manifest import Manifest, ManifestError, ManifestRow, load_manifest
-from fedfair_med.tasks.base import SEGMENTATION, Task, hard_dice, keyword_names, soft_dice_loss
+from fedfair_med.tasks.base import Task, hard_dice, keyword_names, soft_dice_loss
 
 IMAGE, LABEL, FOV = "image", "label", "fov"
 #: Record keys that are never sensitive attributes.

@@ -46,7 +46,8 @@ from monai.utils import MetaKeys, SpaceKeys
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedfair_med.tasks.base import SEGMENTATION, TaskDefaults
+from fedfair_med.contracts import SEGMENTATION
+from fedfair_med.tasks.base import TaskDefaults
 from fedfair_med.tasks.imaging import (
     FOV, IMAGE, LABEL, ForegroundMaskd, FullMaskd, MaskedSegmentationTask, finish, make_dataset,
     public_value,

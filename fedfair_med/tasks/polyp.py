@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from monai.transforms import Compose
 
-from fedfair_med.tasks.base import SEGMENTATION, TaskDefaults
+from fedfair_med.contracts import SEGMENTATION
+from fedfair_med.tasks.base import TaskDefaults
 from fedfair_med.tasks.imaging import (
     IMAGE, LABEL, BinariseMaskd, EnsureChannelsd, ImagingTask, colour_augmentation,
     finish, geometric_augmentation, load_rgb, resize_pair, to_unit_range,

@@ -31,7 +31,8 @@ from monai.transforms import Compose, MapTransform, Resized
 
 from fedfair_med.data.federation import SiteData
 from fedfair_med.data.manifest import HAM10000_BENIGN, HAM10000_MALIGNANT, Manifest, ManifestRow
-from fedfair_med.tasks.base import CLASSIFICATION, TaskDefaults
+from fedfair_med.contracts import CLASSIFICATION
+from fedfair_med.tasks.base import TaskDefaults
 from fedfair_med.tasks.imaging import (
     IMAGE, LABEL, EnsureChannelsd, ImagingTask, colour_augmentation, finish,
     geometric_augmentation, load_rgb, to_unit_range,

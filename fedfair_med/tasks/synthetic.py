@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION
 from fedfair_med.data.federation import Federation
 from fedfair_med.data.synthetic import synthetic_classification, synthetic_segmentation
-from fedfair_med.tasks.base import CLASSIFICATION, SEGMENTATION, Task, TaskDefaults, keyword_names
+from fedfair_med.tasks.base import Task, TaskDefaults, keyword_names
 
 
 class _Synthetic(Task):

@@ -51,7 +51,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from fedfair_med.algorithms.base import ClientUpdate, StateDict
+from fedfair_med.contracts import ClientUpdate, StateDict
 from fedfair_med.privacy.secure_sum import (
     RoundKeys, SecureSumError, SecureSumParty, Unmasker, generate_keypair, unmask_sum,
 )
