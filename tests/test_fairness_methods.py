@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import float_state, weighted_average
+from fedfair_med.algorithms.averaging import weighted_average
+from fedfair_med.algorithms.base import aggregate_round, float_state
 from fedfair_med.algorithms.dynamicfl import DynamicFL
 from fedfair_med.algorithms.fairfed import WEIGHT_KEY, FairFed
 from fedfair_med.algorithms.fairmixup import FairMixup, mixing_generator
@@ -313,8 +314,8 @@ def test_fairfed_with_zero_beta_is_fedavg():
     for s, n in (("a", 20), ("b", 10), ("c", 30)):
         assert float(state[WEIGHT_KEY + s]) == pytest.approx(n / 60, abs=1e-12)
     updates = random_updates({"a": 20, "b": 10, "c": 30})
-    ours, _ = algorithm.aggregate({}, updates, state)
-    fedavg, _ = FedAvg().aggregate({}, updates, {})
+    ours, _ = aggregate_round(algorithm, {}, updates, state)
+    fedavg, _ = aggregate_round(FedAvg(), {}, updates, {})
     assert_states_equal(ours, fedavg)
 
 
@@ -334,7 +335,7 @@ def test_fairfed_one_real_round_reweights_by_fairness():
         sent = {k.split(".")[-1]: v for k, v in updates[ctx.site].extras.items() if k.startswith("fairfed.stats.")}
         assert set(sent) == set(expected)
         assert all(torch.allclose(sent[k], expected[k]) for k in expected)
-    new_state, server_state = algorithm.aggregate(global_state, updates, server_state)
+    new_state, server_state = aggregate_round(algorithm, global_state, updates, server_state)
 
     sizes = {s: u.num_samples for s, u in updates.items()}
     total = sum(sizes.values())
@@ -346,7 +347,7 @@ def test_fairfed_one_real_round_reweights_by_fairness():
     assert weights[farthest] < sizes[farthest] / total
     assert weights[closest] > sizes[closest] / total
     assert_states_equal(new_state, weighted_average({s: u.state for s, u in updates.items()}, weights))
-    fedavg, _ = FedAvg().aggregate(global_state, updates, {})
+    fedavg, _ = aggregate_round(FedAvg(), global_state, updates, {})
     assert any(not torch.allclose(new_state[k], fedavg[k]) for k in new_state
                if torch.is_floating_point(new_state[k]))
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import float_state
+from fedfair_med.algorithms.base import aggregate_round, float_state
 from fedfair_med.algorithms.flexfair import COEF, COUNTS, SUMS
 from fedfair_med.config import RunConfig
 from fedfair_med.contracts import LocalSettings, SiteContext
@@ -172,7 +172,7 @@ def test_one_fresh_round_of_flexfair_equals_one_centralised_step(mode: str) -> N
                for ctx in contexts}
     for u in updates.values():  # only fixed-size extras travel
         assert all(v.numel() <= len(vocabulary) for v in u.extras.values())
-    federated, _ = algorithm.aggregate(start, updates, server)
+    federated, _ = aggregate_round(algorithm, start, updates, server)
 
     model.load_state_dict(start)
     batches = [next(iter(c.loader)) for c in contexts]

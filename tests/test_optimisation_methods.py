@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import Algorithm, float_state, weighted_average
+from fedfair_med.algorithms.averaging import weighted_average
+from fedfair_med.algorithms.base import Algorithm, aggregate_round, float_state
 from fedfair_med.algorithms.fedavg import FedAvg
 from fedfair_med.algorithms.fednova import FedNova
 from fedfair_med.algorithms.fedprox import FedProx
@@ -70,7 +71,7 @@ def run_round(
             ctx, model, global_state, algorithm.broadcast(server_state, site),
             site_states.setdefault(site, {}),
         )
-    new_state, new_server = algorithm.aggregate(global_state, updates, server_state)
+    new_state, new_server = aggregate_round(algorithm, global_state, updates, server_state)
     return new_state, new_server, updates
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fedfair_med.algorithms import build_algorithm
-from fedfair_med.algorithms.base import CollectingAggregation, WeightedSum, weighted_average
+from fedfair_med.algorithms.averaging import CollectingAggregation, WeightedSum, weighted_average
+from fedfair_med.algorithms.base import aggregate_round
 from fedfair_med.algorithms.scaffold import DELTA_C
 from fedfair_med.contracts import ClientUpdate, LocalSettings, StateDict
 
@@ -62,7 +63,7 @@ def assert_states_equal(a: StateDict, b: StateDict) -> None:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_folding_one_site_at_a_time_equals_aggregating_the_round(method: str) -> None:
     algorithm, server_state, updates = train_round(method)
-    whole_state, whole_server = algorithm.aggregate(GLOBAL, updates, server_state)
+    whole_state, whole_server = aggregate_round(algorithm, GLOBAL, updates, server_state)
 
     aggregation = algorithm.start_aggregation(GLOBAL, server_state)
     for site in sorted(updates):
@@ -132,25 +133,29 @@ def test_weighted_sum_refuses_zero_total_weight_and_duplicate_sites() -> None:
         aggregation.add(site, updates[site])
 
 
-def test_a_method_written_against_aggregate_still_sees_every_update() -> None:
-    """Backward compatible: overriding aggregate() makes runtimes collect the round first."""
+def test_a_method_that_collects_sees_every_update_through_the_same_path() -> None:
+    """A server step that needs the whole round returns a CollectingAggregation from
+    start_aggregation; the runtimes still only call add and result."""
     from fedfair_med.algorithms.base import Algorithm
+
+    class MedianAggregation(CollectingAggregation):
+        def result(self):
+            self.algorithm.seen = sorted(self.updates)
+            stacked = {k: torch.stack([u.state[k].double() for u in self.updates.values()])
+                       for k in self.global_state if torch.is_floating_point(self.global_state[k])}
+            new = {k: (stacked[k].median(0).values.to(v.dtype) if k in stacked else v)
+                   for k, v in self.global_state.items()}
+            return new, self.server_state
 
     class MedianOfSites(Algorithm):
         name = "median-of-sites"
 
-        def aggregate(self, global_state, updates, server_state):
-            self.seen = sorted(updates)
-            stacked = {k: torch.stack([u.state[k].double() for u in updates.values()])
-                       for k in global_state if torch.is_floating_point(global_state[k])}
-            new = {k: (stacked[k].median(0).values.to(v.dtype) if k in stacked else v)
-                   for k, v in global_state.items()}
-            return new, server_state
+        def start_aggregation(self, global_state, server_state):
+            return MedianAggregation(self, global_state, server_state)
 
     _, server_state, updates = train_round("fedavg")
     algorithm = MedianOfSites()
     aggregation = algorithm.start_aggregation(GLOBAL, server_state)
-    assert isinstance(aggregation, CollectingAggregation)
     for site in sorted(updates):
         aggregation.add(site, updates[site])
     new_state, _ = aggregation.result()
@@ -158,6 +163,31 @@ def test_a_method_written_against_aggregate_still_sees_every_update() -> None:
     name = next(k for k in GLOBAL if GLOBAL[k].is_floating_point())
     expected = torch.stack([updates[s].state[name].double() for s in updates]).median(0).values
     assert torch.equal(new_state[name], expected.to(GLOBAL[name].dtype))
+
+
+def test_a_collecting_aggregation_settles_the_weights_once_the_round_is_in() -> None:
+    """settle() sees every update before the fold: here it gives each site the same weight,
+    whatever its size, and the result is the plain mean of the sites' models."""
+    from fedfair_med.algorithms.base import Algorithm
+
+    class EqualWeights(CollectingAggregation):
+        def settle(self, updates):
+            self.fixed_weights = {s: 1.0 for s in updates}
+
+    class EqualSites(Algorithm):
+        name = "equal-sites"
+
+        def start_aggregation(self, global_state, server_state):
+            return EqualWeights(self, global_state, server_state)
+
+    _, server_state, updates = train_round("fedavg")
+    assert len({u.num_samples for u in updates.values()}) > 1  # sizes differ: weights matter
+    new_state, _ = aggregate_round(EqualSites(), GLOBAL, updates, server_state)
+    assert_states_equal(new_state, weighted_average({s: u.state for s, u in updates.items()},
+                                                    {s: 1.0 for s in updates}))
+    fedavg, _ = aggregate_round(build_algorithm("fedavg"), GLOBAL, updates, server_state)
+    assert any(not torch.equal(new_state[k], fedavg[k]) for k in new_state
+               if torch.is_floating_point(new_state[k]))
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fednova", "scaffold"])

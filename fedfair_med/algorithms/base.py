@@ -1,7 +1,7 @@
 """The two hooks every federated method implements, and the local training loop they share.
 
 A method says *what* a site computes on its own data (the client hook, :meth:`Algorithm.client_update`)
-and *how* the server combines what sites send (the server hook, :meth:`Algorithm.aggregate`).
+and *how* the server combines what sites send (the server path, :meth:`Algorithm.start_aggregation`).
 Runtimes (in-process, OpenFL) decide *where* that happens and never reach inside a method.
 
 Everything that crosses the wire is a ``dict[str, torch.Tensor]``: the model's floating-point
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from fedfair_med.contracts import (
-    ClientState, ClientUpdate, LocalSettings, Objective, SiteContext, StateDict,
-)
+from fedfair_med.algorithms.averaging import Aggregation
+from fedfair_med.contracts import ClientState, ClientUpdate, LocalSettings, SiteContext, StateDict
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -54,213 +53,6 @@ def float_state(model: nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-#: Elements per block when a tensor is widened to float64 and added into an accumulator: one
-#: 512 KiB scratch block, small enough to stay in a core's L2 cache. Widening whole tensors
-#: instead (``acc += w * θ.double()``) allocates model-sized temporaries and is ~3× slower.
-AVERAGE_BLOCK = 1 << 16
-
-
-class Float64Scratch:
-    """One reusable float64 block for widening tensors piece by piece (no model-sized temporaries)."""
-
-    def __init__(self) -> None:
-        self._block = torch.empty(0, dtype=torch.float64)
-
-    def blocks(self, n: int, device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, block)`` over ``range(n)`` in cache-sized pieces, one reused buffer."""
-        if self._block.numel() < min(n, AVERAGE_BLOCK) or self._block.device != device:
-            self._block = torch.empty(min(max(n, 1), AVERAGE_BLOCK), dtype=torch.float64,
-                                      device=device)
-        for start in range(0, n, AVERAGE_BLOCK):
-            stop = min(start + AVERAGE_BLOCK, n)
-            yield start, stop, self._block[: stop - start]
-
-    def add_scaled(self, acc: torch.Tensor, term: torch.Tensor, alpha: float,
-                   subtract: torch.Tensor | None = None) -> None:
-        """``acc += alpha · (term − subtract)`` elementwise in float64 (``acc`` is float64, flat)."""
-        flat, base = term.reshape(-1), (None if subtract is None else subtract.reshape(-1))
-        for start, stop, block in self.blocks(flat.numel(), acc.device):
-            block.copy_(flat[start:stop])
-            if base is not None:
-                block.sub_(base[start:stop])
-            # mul then add, each rounded once: ``add_(block, alpha=...)`` fuses them (FMA) in
-            # vectorised loops only, so its bits would depend on how threads split the tensor.
-            acc[start:stop].add_(block.mul_(alpha))
-
-
-class WeightedSum:
-    """Σ_s w_s θ_s over state dicts folded in one at a time, then divided by Σ_s w_s.
-
-    Streaming with a small window: up to :attr:`GROUP` states wait, then are added block by block
-    (a 512 KiB float64 block stays in cache while every waiting state is added to it) into one
-    float64 sum per tensor. Memory is at most ``GROUP`` states plus that sum, whatever the
-    number of sites; a round of ≤ ``GROUP`` sites never allocates the model-sized sum at all.
-    Each element still sees ``acc += w_s θ_s`` in site order, then one division, so the bits do
-    not depend on the window — callers add sites in sorted name order and every runtime agrees.
-    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first state's value.
-    """
-
-    #: states kept before they are folded into the running sum
-    GROUP = 8
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._acc: dict[str, torch.Tensor] = {}  # flat float64 sums, once a window was folded
-        self._layout: dict[str, tuple[torch.Size, torch.dtype]] = {}
-        self._first: dict[str, torch.Tensor] = {}  # integer buffers: the first state's value
-        self._pending: list[tuple[Mapping[str, torch.Tensor], float]] = []
-        self._sums = Float64Scratch()  # the block being accumulated
-        self._terms = Float64Scratch()  # each term widened into it
-
-    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
-        for name, value in state.items():
-            if name in self._layout:
-                continue
-            self._layout[name] = (value.shape, value.dtype)
-            if not torch.is_floating_point(value):
-                self._first[name] = value.detach().clone()
-        self._pending.append((state, float(weight)))
-        self.total += float(weight)
-        if len(self._pending) >= self.GROUP:
-            self._fold(final=False)
-
-    def _fold(self, final: bool) -> StateDict:
-        """Add the waiting states into the sums (``final``: and return the averages)."""
-        out: StateDict = {}
-        for name, (shape, dtype) in self._layout.items():
-            if name in self._first:
-                out[name] = self._first[name]
-                continue
-            terms = [(state[name].detach().reshape(-1), w) for state, w in self._pending]
-            n = terms[0][0].numel() if terms else self._acc[name].numel()
-            device = terms[0][0].device if terms else self._acc[name].device
-            acc = self._acc.get(name)
-            if acc is None and not final:
-                acc = self._acc[name] = torch.zeros(n, dtype=torch.float64, device=device)
-            result = torch.empty(n, dtype=dtype, device=device) if final else None
-            for start, stop, block in self._sums.blocks(n, device):
-                if acc is None:
-                    block.zero_()
-                else:
-                    block.copy_(acc[start:stop])
-                for term, w in terms:
-                    self._terms.add_scaled(block, term[start:stop], w)
-                if final:
-                    result[start:stop].copy_(block.div_(self.total))  # type: ignore[index]
-                else:
-                    acc[start:stop].copy_(block)  # type: ignore[index]
-            if final:
-                out[name] = result.reshape(shape)  # type: ignore[union-attr]
-        self._pending = []
-        return out
-
-    def result(self) -> StateDict:
-        if self.total <= 0:
-            raise ValueError("cannot average: the sites' weights sum to zero")
-        return self._fold(final=True)
-
-
-def weighted_average(states: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
-    """Σ_s w_s θ_s / Σ_s w_s over sites, in sorted site order (see :class:`WeightedSum`)."""
-    acc = WeightedSum()
-    for site in sorted(states):
-        acc.add(states[site], weights[site])
-    return acc.result()
-
-
-class Aggregation:
-    """One round's server step, folding each site's update in as it arrives.
-
-    The runtime calls :meth:`add` once per site (sorted by name) and then :meth:`result`. Only
-    running sums and each site's small extras are kept, so the server's memory does not grow
-    with the number of sites. This default is FedAvg's weighted average; methods with another
-    server step subclass it (FedNova, SCAFFOLD) or collect first (FairFed, whose weights need
-    every site's statistics).
-    """
-
-    def __init__(self, algorithm: "Algorithm", global_state: StateDict, server_state: StateDict,
-                 weights: Mapping[str, float] | None = None) -> None:
-        self.algorithm = algorithm
-        self.global_state = global_state
-        self.server_state = server_state
-        self.fixed_weights = weights
-        self.weights: dict[str, float] = {}
-        #: every site's update without its model state (num_samples and the small extras)
-        self.received: dict[str, ClientUpdate] = {}
-        self.average = WeightedSum()
-        self._scratch = Float64Scratch()
-
-    def add(self, site: str, update: ClientUpdate) -> None:
-        if site in self.received:
-            raise ValueError(f"aggregation: site {site!r} sent two updates in one round")
-        if self.fixed_weights is not None:
-            weight = float(self.fixed_weights[site])
-        else:
-            weight = float(self.algorithm.site_weight(site, update, self.server_state))
-        self.weights[site] = weight
-        self.fold(site, update, weight)
-        self.received[site] = ClientUpdate(state={}, num_samples=update.num_samples,
-                                           extras=self.kept_extras(update.extras))
-
-    def fold(self, site: str, update: ClientUpdate, weight: float) -> None:
-        """Add one site's model into the running sums (FedAvg: Σ w_s θ_s)."""
-        self.average.add(update.state, weight)
-
-    def kept_extras(self, extras: StateDict) -> StateDict:
-        """The extras kept until :meth:`result` (model-sized ones are folded, not kept)."""
-        return dict(extras)
-
-    def new_model(self) -> StateDict:
-        return self.average.result()
-
-    def running_sum(self, sums: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """The flat float64 sum ``sums[name]`` shaped like global tensor ``name`` (zero at first)."""
-        if name not in sums:
-            sums[name] = torch.zeros(self.global_state[name].numel(), dtype=torch.float64)
-        return sums[name]
-
-    def add_to_sum(self, sums: dict[str, torch.Tensor], name: str, term: torch.Tensor,
-                   alpha: float, subtract: torch.Tensor | None = None) -> None:
-        """``sums[name] += alpha · (term − subtract)``, widened block by block."""
-        self._scratch.add_scaled(self.running_sum(sums, name), term, alpha, subtract=subtract)
-
-    def global_plus(self, name: str, total: torch.Tensor, divisor: float, factor: float) -> torch.Tensor:
-        """The global tensor ``name`` plus ``(total / divisor) · factor``, rounded to its dtype."""
-        x = self.global_state[name]
-        step = (total / divisor).mul_(factor).reshape(x.shape)
-        return (x.to(torch.float64) + step).to(x.dtype)
-
-    def next_server_state(self) -> StateDict:
-        """Server state after this round's own step, before :meth:`Algorithm.update_server_state`."""
-        return self.server_state
-
-    def result(self) -> tuple[StateDict, StateDict]:
-        """The next global model and server state."""
-        if not self.received:
-            raise ValueError("aggregation: no site update was received this round")
-        new_state = self.new_model()
-        return new_state, self.algorithm.update_server_state(self.next_server_state(),
-                                                             self.received, self.weights)
-
-
-class CollectingAggregation(Aggregation):
-    """For methods whose server step needs every update at once: keep them, then aggregate."""
-
-    def __init__(self, algorithm: "Algorithm", global_state: StateDict, server_state: StateDict) -> None:
-        super().__init__(algorithm, global_state, server_state)
-        self.updates: dict[str, ClientUpdate] = {}
-
-    def add(self, site: str, update: ClientUpdate) -> None:
-        if site in self.updates:
-            raise ValueError(f"aggregation: site {site!r} sent two updates in one round")
-        self.updates[site] = update
-
-    def result(self) -> tuple[StateDict, StateDict]:
-        if not self.updates:
-            raise ValueError("aggregation: no site update was received this round")
-        return self.algorithm.aggregate(self.global_state, self.updates, self.server_state)
-
-
 class Algorithm:
     """Base class: FedAvg's behaviour, with small hooks the other methods override.
 
@@ -270,10 +62,28 @@ class Algorithm:
       * :meth:`extra_loss` — add a term to each batch's loss;
       * :meth:`after_backward` — correct gradients before the optimiser step;
       * :meth:`observe_batch` — accumulate fixed-size statistics to report;
-      * :meth:`client_extras` — the extras sent with the update.
-    Server side: :meth:`init_server_state`, :meth:`broadcast`, :meth:`site_weight`,
-    :meth:`update_server_state` and :meth:`streaming_aggregation` (each update folded in as it
-    arrives); or override :meth:`aggregate` to see a whole round's updates at once.
+      * :meth:`client_extras` — the extras sent with the update;
+      * :meth:`client_statistics` — the optional forward-only statistics pass.
+    A site's memory is not kept on the instance: the runtime holds one
+    :class:`~fedfair_med.contracts.ClientState` per site and passes it in as ``ctx.state``
+    (``ctx.state.kept`` across rounds, also given to the hooks as ``site_state``;
+    ``ctx.state.round`` for the round in progress). So one instance serves any number of sites,
+    in any order, and holds only its parameters.
+
+    Server side — the one path both runtimes call, each round::
+
+        aggregation = algorithm.start_aggregation(global_state, server_state)
+        for site in sorted(sites):               # the secure path: one pseudo-site, the sum
+            aggregation.add(site, update[site])  # folded in and dropped as it arrives
+        new_state, server_state = aggregation.result()
+
+    The default (:class:`~fedfair_med.algorithms.averaging.Aggregation`) is FedAvg's weighted
+    average with weights :meth:`site_weight`, then :meth:`update_server_state`. A method changes
+    only what it needs: :meth:`site_weight`, :meth:`update_server_state`, or
+    :meth:`start_aggregation` returning its own ``Aggregation`` subclass (FedNova, SCAFFOLD fold
+    differently; FairFed returns a ``CollectingAggregation``, which sees the whole round before
+    it averages). Around it: :meth:`init_server_state`, :meth:`broadcast`, and the optional
+    statistics pass (:meth:`wants_statistics`, :meth:`absorb_statistics`).
     """
 
     name = "base"
@@ -311,38 +121,12 @@ class Algorithm:
         """A site's unnormalised aggregation weight: FedAvg's n_s."""
         return float(update.num_samples)
 
-    def aggregation_weights(
-        self, updates: Mapping[str, ClientUpdate], server_state: StateDict
-    ) -> dict[str, float]:
-        """Every site's weight (:meth:`site_weight`); normalised by the aggregation."""
-        return {s: self.site_weight(s, u, server_state) for s, u in updates.items()}
-
     def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
-        """What a runtime calls each round: an object it hands each site's update as it arrives.
-
-        A method that overrides :meth:`aggregate` (its server step needs every update at once,
-        like FairFed's) gets its updates collected and passed to it; every other method folds
-        them in as they come (:meth:`streaming_aggregation`), so the server never holds K models.
-        """
-        if type(self).aggregate is not Algorithm.aggregate:
-            return CollectingAggregation(self, global_state, server_state)
-        return self.streaming_aggregation(global_state, server_state)
-
-    def streaming_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
-        """The streaming server step: FedAvg's running weighted sum (FedNova, SCAFFOLD override)."""
+        """The round's server step, which the runtime hands each site's update as it arrives
+        (see the class docstring): FedAvg's streaming weighted average by default, so the server
+        never holds K models. Override to return another
+        :class:`~fedfair_med.algorithms.averaging.Aggregation`."""
         return Aggregation(self, global_state, server_state)
-
-    def aggregate(
-        self,
-        global_state: StateDict,
-        updates: Mapping[str, ClientUpdate],
-        server_state: StateDict,
-    ) -> tuple[StateDict, StateDict]:
-        """Combine all site updates at once: the same arithmetic as folding them in sorted order."""
-        aggregation = self.streaming_aggregation(global_state, server_state)
-        for site in sorted(updates):
-            aggregation.add(site, updates[site])
-        return aggregation.result()
 
     def update_server_state(
         self,
@@ -497,6 +281,16 @@ class Algorithm:
         # what crosses the wire is on the CPU whatever the site's device (a no-op on CPU)
         return ClientUpdate(state=cpu_state(float_state(model)), num_samples=num_examples(ctx.loader),
                             extras=cpu_state(extras))
+
+
+def aggregate_round(algorithm: Algorithm, global_state: StateDict,
+                    updates: Mapping[str, ClientUpdate], server_state: StateDict) -> tuple[StateDict, StateDict]:
+    """The server path for a round whose updates are all at hand: start, add in sorted site
+    order, result — exactly what the runtimes do one update at a time."""
+    aggregation = algorithm.start_aggregation(global_state, server_state)
+    for site in sorted(updates):
+        aggregation.add(site, updates[site])
+    return aggregation.result()
 
 
 def num_examples(loader: Iterable[Mapping[str, Any]]) -> int:

@@ -44,7 +44,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Aggregation, Algorithm, move_batch, num_examples
+from fedfair_med.algorithms.averaging import Aggregation, CollectingAggregation
+from fedfair_med.algorithms.base import Algorithm, move_batch, num_examples
 from fedfair_med.algorithms.params import check_choice, check_number
 from fedfair_med.contracts import ClientUpdate, SiteContext, StateDict
 from fedfair_med.fairness.criteria import CRITERIA
@@ -83,26 +84,10 @@ class FairFed(Algorithm):
                       steps: int, site_state: StateDict) -> StateDict:
         return {STATS_KEY + k: v for k, v in self._statistics.pop(ctx.site).items()}
 
-    def aggregate(self, global_state: StateDict, updates: Mapping[str, ClientUpdate],
-                  server_state: StateDict) -> tuple[StateDict, StateDict]:
-        """Take this round's FairFed step on ω from the updates' statistics, then average.
-
-        ω needs every site's statistics, so this overrides ``aggregate``: runtimes collect the
-        round's updates first (``start_aggregation``) instead of folding them in as they come.
-        """
-        statistics = {
-            s: {k[len(STATS_KEY):]: v for k, v in u.extras.items() if k.startswith(STATS_KEY)}
-            for s, u in updates.items()
-        }
-        if all(statistics.values()):
-            if self.statistics_privacy is not None:
-                statistics = {s: self._clamp_noisy(v) for s, v in statistics.items()}
-            server_state = self.absorb_statistics(server_state, statistics)
-        aggregation = Aggregation(self, global_state, server_state,
-                                  weights=self.aggregation_weights(updates, server_state))
-        for site in sorted(updates):
-            aggregation.add(site, updates[site])
-        return aggregation.result()
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+        """ω needs every site's statistics, so the round's updates are collected first
+        (:class:`FairFedAggregation`) instead of folded in as they come."""
+        return FairFedAggregation(self, global_state, server_state)
 
     @torch.no_grad()
     def client_statistics(self, ctx: SiteContext, model: nn.Module) -> StateDict:
@@ -230,7 +215,26 @@ class FairFed(Algorithm):
             weights = {s: float(server_state[WEIGHT_KEY + s]) for s in updates}
             if sum(weights.values()) > 0:
                 return weights
-        return super().aggregation_weights(updates, server_state)
+        return {s: self.site_weight(s, u, server_state) for s, u in updates.items()}
+
+
+class FairFedAggregation(CollectingAggregation):
+    """Once the round is in: this round's FairFed step on ω from the updates' statistics, then
+    the weighted average with ω."""
+
+    algorithm: FairFed
+
+    def settle(self, updates: Mapping[str, ClientUpdate]) -> None:
+        fairfed = self.algorithm
+        statistics = {
+            s: {k[len(STATS_KEY):]: v for k, v in u.extras.items() if k.startswith(STATS_KEY)}
+            for s, u in updates.items()
+        }
+        if all(statistics.values()):
+            if fairfed.statistics_privacy is not None:
+                statistics = {s: fairfed._clamp_noisy(v) for s, v in statistics.items()}
+            self.server_state = fairfed.absorb_statistics(self.server_state, statistics)
+        self.fixed_weights = fairfed.aggregation_weights(updates, self.server_state)
 
 
 def _sample(batch: Mapping[str, Any], i: int) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Aggregation, Algorithm
+from fedfair_med.algorithms.averaging import Aggregation
+from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.params import check_number
 from fedfair_med.contracts import ClientUpdate, LocalSettings, SiteContext, StateDict
 
@@ -76,7 +77,7 @@ class FedNova(Algorithm):
                 extras[PARAM_PREFIX + name] = torch.tensor(1.0)
         return extras
 
-    def streaming_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
         return NovaAggregation(self, global_state, server_state)
 
 

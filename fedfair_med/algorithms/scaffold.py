@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import Aggregation, Algorithm
+from fedfair_med.algorithms.averaging import Aggregation
+from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.params import check_number
 from fedfair_med.contracts import ClientUpdate, LocalSettings, SiteContext, StateDict
 
@@ -77,7 +78,7 @@ class Scaffold(Algorithm):
     def broadcast(self, server_state: StateDict, site: str) -> StateDict:
         return {k: v for k, v in server_state.items() if k.startswith(SERVER_C)}
 
-    def streaming_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
+    def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
         return ScaffoldAggregation(self, global_state, server_state)
 
     # ---- site -----------------------------------------------------------------------------

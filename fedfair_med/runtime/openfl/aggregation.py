@@ -1,12 +1,13 @@
 """Server side of the OpenFL runtime: the method's server hook as an OpenFL aggregation function.
 
 OpenFL 1.9 aggregates tensor by tensor (``AggregationFunction.call(local_tensors, db, name, round,
-tags)``); our methods aggregate whole state dicts (``Algorithm.aggregate(global_state, updates,
-server_state)``). :class:`MethodAggregation` bridges the two. It is *privileged* (OpenFL hands it
+tags)``); our methods aggregate whole state dicts through the one server path
+(``Algorithm.start_aggregation`` → ``add`` per site → ``result``, as the simulation does).
+:class:`MethodAggregation` bridges the two. It is *privileged* (OpenFL hands it
 the aggregator's whole tensor table), so the first ``trained`` tensor requested in a round
 rebuilds every reporting site's :class:`ClientUpdate` (model tensors, ``extra/*`` tensors, the
 ``extra/__num_samples__`` weight), reads the round's global model and the serialised server state
-from the table, calls the method once — ``aggregate`` after a training phase, ``absorb_statistics``
+from the table, calls the method once — that server path after a training phase, ``absorb_statistics``
 after a statistics phase — caches the result for the round and returns the requested tensor. The
 new server state is returned under :data:`SERVER_STATE`, so OpenFL stores it with the next model
 and collaborators receive it with the weights. Every other tensor (extras, summaries) is summed.
@@ -131,14 +132,15 @@ class MethodAggregation(AggregationFunction):
                 server_state = self.algorithm.absorb_statistics(server_state, statistics)
             new_state = global_state
         elif train_round is not None:
-            updates = {}
-            for s in sites:
+            torch.manual_seed(derive_seed(self.config.seed, train_round, "server"))
+            # the one server path, as in the simulation: each site's update folded in, in order
+            aggregation = self.algorithm.start_aggregation(global_state, server_state)
+            for s in sites:  # sorted
                 extras = {k: to_torch(v) for k, v in site_tensors(rows, EXTRA_TAG, s, EXTRA_PREFIX).items()}
                 num_samples = int(extras.pop(NUM_SAMPLES[len(EXTRA_PREFIX):]).item())
                 state = {k: to_torch(rows[(k, frozenset((TRAINED_TAG, s)))]) for k in self.model_keys}
-                updates[s] = ClientUpdate(state=state, num_samples=num_samples, extras=extras)
-            torch.manual_seed(derive_seed(self.config.seed, train_round, "server"))
-            new_state, server_state = self.algorithm.aggregate(global_state, updates, server_state)
+                aggregation.add(s, ClientUpdate(state=state, num_samples=num_samples, extras=extras))
+            new_state, server_state = aggregation.result()
         else:
             raise RuntimeError(f"OpenFL round {fl_round} has no training or statistics phase")
         out = {MODEL_BLOB: self.layout.pack(new_state)}
@@ -188,7 +190,9 @@ class MethodAggregation(AggregationFunction):
             by_site = {s: {**received(TRAINED_TAG, s), **received(EXTRA_TAG, s)} for s in sites}
             summed = summed_update(by_site, expected, global_state, counts, **unmask)
             torch.manual_seed(derive_seed(self.config.seed, train_round, "server"))
-            new_state, server_state = self.algorithm.aggregate(global_state, {PSEUDO_SITE: summed}, server_state)
+            aggregation = self.algorithm.start_aggregation(global_state, server_state)
+            aggregation.add(PSEUDO_SITE, summed)  # the same path, fed the decoded sum as one site
+            new_state, server_state = aggregation.result()
         else:
             raise RuntimeError(f"OpenFL round {fl_round} has no training or statistics phase")
         out = {MODEL_BLOB: self.layout.pack(new_state)}
