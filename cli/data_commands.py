@@ -156,6 +156,10 @@ def import_(
             raise typer.Exit(1)
         for site in written:
             targets[site.site].parent.mkdir(parents=True, exist_ok=True)
+            derived = site.manifest.parent / "fov"  # masks the importer derived (fundus)
+            if derived.is_dir():
+                shutil.rmtree(targets[site.site].parent / "fov", ignore_errors=True)
+                os.replace(derived, targets[site.site].parent / "fov")
             os.replace(site.manifest, targets[site.site])
     except (DatasetLayoutError, ValueError, OSError) as exc:
         console.print(f"cannot import {dataset.value} from {src}: {exc}", markup=False)

@@ -38,6 +38,10 @@ published-protocol behaviour (as many val videos as test videos) unless ``val_fr
 
 ``limit`` keeps at most that many images per split (a seeded sample, whole groups not
 required: a subset of a leak-free split is still leak-free), for quick tests.
+
+Fundus sites (chase, stare) also get a field-of-view mask per image, derived from the photograph
+(:mod:`fedfair_med.data.fov`) and written to ``OUT/<site>/fov/`` beside the manifest, which
+names it in its ``fov`` column: neither dataset ships one.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fedfair_med.data.fov import write_fundus_fov
 from fedfair_med.data.manifest import HAM10000_MALIGNANT, normalise_age, normalise_sex, write_manifest
 
 
@@ -136,8 +141,13 @@ def _limit(rows: list[dict[str, str]], limit: int | None, seed: int) -> list[dic
 
 
 def _write(out: Path, site: str, task: str, dataset: str, rows: list[dict[str, str]],
-           attributes: Sequence[str], split_rule: str, limit: int | None, seed: int) -> ImportedSite:
+           attributes: Sequence[str], split_rule: str, limit: int | None, seed: int,
+           derive_fov: bool = False) -> ImportedSite:
     rows = _limit(rows, limit, seed)
+    if derive_fov:  # derived masks live beside the manifest; the source folder stays untouched
+        for row in rows:
+            write_fundus_fov(Path(row["image"]), out / site / "fov" / f"{row['id']}.png")
+            row["fov"] = f"fov/{row['id']}.png"  # relative: the site folder may be moved into place
     path = write_manifest(
         out / site / "manifest.csv", rows, attribute_names=attributes, site=site, task=task,
         comments=[f"imported from {dataset}; split: {split_rule}; seed {seed}"
@@ -168,7 +178,8 @@ def import_chase(src: Path, out: Path, *, test_fraction: float, seed: int, limit
     val = _carve_val(sorted(rest), val_fraction or 0.0, seed)
     for row in rows:
         row["split"] = _assign(row.pop("child"), test, val)
-    return [_write(out, "chase_db1", "fundus", "CHASE_DB1", rows, (), "by child (both eyes together)", limit, seed)]
+    return [_write(out, "chase_db1", "fundus", "CHASE_DB1", rows, (), "by child (both eyes together)", limit, seed,
+                   derive_fov=True)]
 
 
 def _split_by_image(rows: list[dict[str, str]], test_fraction: float,
@@ -191,7 +202,8 @@ def import_stare(src: Path, out: Path, *, test_fraction: float, seed: int, limit
     if not rows:
         raise DatasetLayoutError(f"stare: no PNG images in {images}")
     _split_by_image(rows, test_fraction, val_fraction, seed)
-    return [_write(out, "stare", "fundus", "STARE", rows, (), "seeded, by image", limit, seed)]
+    return [_write(out, "stare", "fundus", "STARE", rows, (), "seeded, by image", limit, seed,
+                   derive_fov=True)]
 
 
 def import_kvasir(src: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None,
