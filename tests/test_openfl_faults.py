@@ -28,8 +28,9 @@ from fedfair_med.config import ConfigError, RunConfig, load_config
 from fedfair_med.privacy.secure_sum import FRACTION_BITS, SecureSumError, decode
 from fedfair_med.runtime.local import method_params
 from fedfair_med.runtime.openfl.aggregation import MethodAggregation
-from fedfair_med.runtime.openfl.protocol import (
-    MODEL_BLOB, MODEL_TAG, SERVER_STATE, TRAINED_TAG, ModelLayout, expand_packed, pack_state, unpack_state,
+from fedfair_med.runtime.openfl.wire import (
+    MODEL_BLOB, MODEL_TAG, SERVER_STATE, TRAINED_TAG, ModelLayout, expand_packed, pack_state,
+    unpack_state,
 )
 from fedfair_med.runtime.openfl.secure import (
     PUBLIC_KEY_PREFIX, RELAY, SECAGG_TAG, SECURE_METHODS, SURVIVORS, TEST_EXIT_ENV, build_decision,
@@ -205,7 +206,7 @@ def test_secure_federation_needs_every_sites_public_key(tmp_path: Path) -> None:
 
 
 def test_secure_schedule_frames_every_masked_phase_with_keys_and_unmasking() -> None:
-    from fedfair_med.runtime.openfl.protocol import (
+    from fedfair_med.runtime.openfl.schedule import (
         EVALUATE, SECAGG_KEYS, SECAGG_UNMASK, STATISTICS, TRAIN, Schedule,
     )
 

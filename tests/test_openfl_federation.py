@@ -28,9 +28,9 @@ from fedfair_med.cli.federation_commands import register
 from fedfair_med.config import RunConfig
 from fedfair_med.fairness.bootstrap import DEFAULT_REPLICATES, poisson_bootstrap
 from fedfair_med.runtime.local import run_simulation
-from fedfair_med.runtime.openfl.protocol import (
-    EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state, summary_to_tables,
-    tables_to_summary, unpack_state,
+from fedfair_med.runtime.openfl.schedule import EVALUATE, STATISTICS, TRAIN, Schedule
+from fedfair_med.runtime.openfl.wire import (
+    LosslessPipeline, pack_state, summary_to_tables, tables_to_summary, unpack_state,
 )
 from fedfair_med.runtime.openfl.workspace import available_methods, render_plan
 from fedfair_med.runtime.rundir import read_metrics
@@ -252,8 +252,9 @@ def test_model_and_task_outputs_pack_into_one_tensor_each_losslessly() -> None:
     import numpy as np
 
     from fedfair_med.models import build_network
-    from fedfair_med.runtime.openfl.protocol import (
-        MODEL_BLOB, PACKED, ModelLayout, expand_packed, pack_arrays, unpack_arrays)
+    from fedfair_med.runtime.openfl.wire import (
+        MODEL_BLOB, PACKED, ModelLayout, expand_packed, pack_arrays, unpack_arrays,
+    )
 
     torch.manual_seed(0)
     net = build_network("unet", in_channels=1, out_channels=1, spatial_dims=2, channels=(4, 8))

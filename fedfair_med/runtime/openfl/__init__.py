@@ -1,6 +1,8 @@
 """The real federation: our methods over OpenFL 1.9's TaskRunner API with mutual TLS.
 
-``protocol`` (wire names, lossless codec, phase schedule), ``taskrunner`` (collaborator side),
-``aggregation`` (server side), ``workspace`` (plans and PKI), ``process`` (bounded start/stop).
+``wire`` (names on the wire, lossless codec, packing), ``schedule`` (which tasks run in which
+OpenFL round), ``spec`` (what the plan fixes for everyone), ``timing`` (per-phase seconds),
+``taskrunner`` (collaborator side), ``aggregation`` (server side), ``secure`` (secure
+aggregation), ``workspace`` (plans and PKI), ``process`` (bounded start/stop).
 See docs/federation.md for the design.
 """

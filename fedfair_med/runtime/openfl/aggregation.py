@@ -44,13 +44,16 @@ from fedfair_med.fairness.site_summaries import combine_summaries
 from fedfair_med.fairness.bootstrap import BootstrapPrivacy, combine_replicates
 from fedfair_med.privacy.settings import PrivacyLedger
 from fedfair_med.runtime.local import build_run_algorithm
-from fedfair_med.runtime.openfl.protocol import (
+from fedfair_med.runtime.openfl.spec import FederationSpec, bootstrap_replicates
+from fedfair_med.runtime.openfl.timing import RoundTiming
+from fedfair_med.runtime.openfl.wire import (
     EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
-    TRAINED_TAG, FederationSpec, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
-    MODEL_BLOB, ModelLayout, RoundTiming, expand_packed, BOOTSTRAP_PREFIX, bootstrap_replicates,
+    TRAINED_TAG, LosslessPipeline, pack_state, tables_to_summary, to_torch, unpack_state,
+    MODEL_BLOB, ModelLayout, expand_packed, BOOTSTRAP_PREFIX,
 )
 from fedfair_med.runtime.openfl import secure
-from fedfair_med.runtime.openfl.protocol import PACKED, SECAGG_KEYS, STATISTICS, TRAIN, unpack_arrays
+from fedfair_med.runtime.openfl.schedule import SECAGG_KEYS, STATISTICS, TRAIN
+from fedfair_med.runtime.openfl.wire import PACKED, unpack_arrays
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.audit import json_safe
 from fedfair_med.runtime.rundir import RunDirectory

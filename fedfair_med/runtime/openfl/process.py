@@ -25,7 +25,6 @@ patched.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from typing import Any, Callable
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 from openfl.transport.grpc.aggregator_client import AggregatorGRPCClient
+
+from fedfair_med.runtime.openfl.spec import plan_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def _check_secure_keys(workspace: Path, spec: dict) -> None:
         return
     from openfl.protocols import utils
 
-    from fedfair_med.runtime.openfl.protocol import SERVER_STATE, LosslessPipeline, unpack_state
+    from fedfair_med.runtime.openfl.wire import SERVER_STATE, LosslessPipeline, unpack_state
     from fedfair_med.runtime.openfl.secure import missing_public_keys
     from fedfair_med.runtime.openfl.workspace import FederationError
 
@@ -290,14 +291,6 @@ def _check_port_free(port: int) -> None:
         except OSError as err:
             raise FederationError(f"port {port} is in use ({err.strerror}); is another aggregator "
                                   "running? stop it, or init the federation with another --port") from None
-
-
-def plan_fingerprint(plan_dir: Path) -> str:
-    """sha256 over plan.yaml and cols.yaml: a checkpoint resumes only the plan that wrote it."""
-    digest = hashlib.sha256()
-    for name in ("plan.yaml", "cols.yaml"):
-        digest.update(name.encode() + b"\0" + (Path(plan_dir) / name).read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def _resume_settings(workspace: Path, settings: dict, resume: bool) -> None:
@@ -441,7 +434,7 @@ def run_collaborator(bundle: Path, name: str, *, manifest: str | Path | None = N
     check_bundle_plan(bundle)
     spec = plan_spec(plan.config)
     from fedfair_med.runtime.device import placement
-    from fedfair_med.runtime.openfl.protocol import FederationSpec
+    from fedfair_med.runtime.openfl.spec import FederationSpec
 
     planned = FederationSpec.from_settings(spec).config()
     placement(device or planned.device, planned.precision)  # unusable here: one line, before connecting

@@ -140,7 +140,9 @@ def publish_public_key(init_model: Path, site: str, public_key: bytes) -> None:
     """Add a site's public key to the initial server state in ``save/init.pbuf``."""
     from openfl.protocols import utils
 
-    from fedfair_med.runtime.openfl.protocol import SERVER_STATE, LosslessPipeline, pack_state, unpack_state
+    from fedfair_med.runtime.openfl.wire import (
+        SERVER_STATE, LosslessPipeline, pack_state, unpack_state,
+    )
 
     proto = utils.load_proto(str(init_model))
     tensors, _ = utils.deconstruct_model_proto(proto, LosslessPipeline())
@@ -258,7 +260,7 @@ def keys_message(keys: RoundKeys) -> dict[str, np.ndarray]:
 
 def read_relay(relay: np.ndarray, site: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """(round public keys of the masking set, the shares encrypted *to* ``site`` by sender)."""
-    from fedfair_med.runtime.openfl.protocol import unpack_arrays
+    from fedfair_med.runtime.openfl.wire import unpack_arrays
 
     publics: dict[str, bytes] = {}
     to_me: dict[str, bytes] = {}
@@ -322,7 +324,7 @@ class DropoutGate:
 
 def build_relay(messages: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray:
     """One tensor with every masking site's round public key and encrypted shares."""
-    from fedfair_med.runtime.openfl.protocol import pack_arrays
+    from fedfair_med.runtime.openfl.wire import pack_arrays
 
     arrays: dict[tuple[str, str], np.ndarray] = {}
     for sender in sorted(messages):

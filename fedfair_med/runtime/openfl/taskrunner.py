@@ -2,7 +2,7 @@
 
 :class:`SiteTaskRunner` is an OpenFL ``TaskRunner`` holding exactly one :class:`SiteRunner`. Its
 three task functions receive the global model and the serialised server state (as the model's
-tensor dict, see :mod:`~fedfair_med.runtime.openfl.protocol`) and call the same code as the
+tensor dict, see :mod:`~fedfair_med.runtime.openfl.wire`) and call the same code as the
 simulation, with the same seeds:
 
 * ``fedfair_train`` — ``algorithm.broadcast`` then ``SiteRunner.train``; sends the new weights
@@ -36,11 +36,13 @@ from openfl.federated.task.runner import TaskRunner
 from openfl.utilities import TensorKey
 
 from fedfair_med.runtime.local import build_run_algorithm
-from fedfair_med.runtime.openfl.protocol import (
-    EVALUATE, EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, STATISTICS,
-    SUMMARY_PREFIX, SUMMARY_TAG, TRAIN, TRAINED_TAG, FederationSpec, summary_to_tables, to_numpy,
-    to_torch, unpack_state, MODEL_BLOB, PACKED, ModelLayout, RoundTiming, pack_arrays, unpack_arrays,
-    BOOTSTRAP_PREFIX, bootstrap_replicates,
+from fedfair_med.runtime.openfl.schedule import EVALUATE, STATISTICS, TRAIN
+from fedfair_med.runtime.openfl.spec import FederationSpec, bootstrap_replicates
+from fedfair_med.runtime.openfl.timing import RoundTiming
+from fedfair_med.runtime.openfl.wire import (
+    EXTRA_PREFIX, EXTRA_TAG, MODEL_TAG, NUM_SAMPLES, SERVER_STATE, SUMMARY_PREFIX, SUMMARY_TAG,
+    TRAINED_TAG, summary_to_tables, to_numpy, to_torch, unpack_state, MODEL_BLOB, PACKED,
+    ModelLayout, pack_arrays, unpack_arrays, BOOTSTRAP_PREFIX,
 )
 from fedfair_med.runtime.openfl import secure
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
@@ -169,7 +171,7 @@ class SiteTaskRunner(TaskRunner):
                  tensors: Mapping[tuple[str, str], np.ndarray]) -> tuple[dict, dict]:
         """At most three wire tensors per task: the model (or an empty placeholder) and the
         server-state placeholder when the task fills the next model's slot, and everything else
-        packed into one (see protocol's "Names on the wire")."""
+        packed into one (see wire's "Names on the wire")."""
         tensors = {key: np.asarray(value) for key, value in tensors.items()}
         model = {name: v for (name, tag), v in tensors.items()
                  if tag == TRAINED_TAG and name in self.layout.names}

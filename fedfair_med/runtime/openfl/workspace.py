@@ -36,10 +36,9 @@ from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.config import ConfigError, RunConfig, config_from_mapping
 from fedfair_med.data.federation import age_band
 from fedfair_med.runtime.local import method_params
-from fedfair_med.runtime.openfl.protocol import (
-    EVALUATE, STATISTICS, TRAIN, LosslessPipeline, Schedule, pack_state,
-)
-from fedfair_med.runtime.openfl.protocol import SECAGG_KEYS, SECAGG_UNMASK
+from fedfair_med.runtime.openfl.schedule import EVALUATE, STATISTICS, TRAIN, Schedule
+from fedfair_med.runtime.openfl.wire import LosslessPipeline, pack_state
+from fedfair_med.runtime.openfl.schedule import SECAGG_KEYS, SECAGG_UNMASK
 from fedfair_med.runtime.site import build_global_model, resolve
 from fedfair_med.tasks import build_task
 
@@ -212,7 +211,7 @@ def write_initial_model(rendered: RenderedPlan, path: Path) -> None:
     """``save/init.pbuf``: round-0 weights (seeded as in the simulation) + initial server state."""
     from openfl.protocols import utils
 
-    from fedfair_med.runtime.openfl.protocol import MODEL_BLOB, SERVER_STATE, ModelLayout
+    from fedfair_med.runtime.openfl.wire import MODEL_BLOB, SERVER_STATE, ModelLayout
 
     config = rendered.config
     task = build_task(config.task)
@@ -553,7 +552,7 @@ def init_federation(name: str, *, method: str, task: str, sites: Sequence[str],
     write_initial_model(rendered, root / "save/init.pbuf")
     create_certificate_authority(root / "cert")
     certify_aggregator(root / "cert", host)
-    from fedfair_med.runtime.openfl.process import plan_fingerprint
+    from fedfair_med.runtime.openfl.spec import plan_fingerprint
 
     fingerprint = plan_fingerprint(root / "plan")  # recorded so either side can tell an edited plan
     bundles = {}
@@ -587,7 +586,7 @@ def open_bundle(bundle: Path) -> Path:
 
 def check_bundle_plan(bundle: Path) -> None:
     """The bundle's plan is the one the centre issued (``site.json`` records its fingerprint)."""
-    from fedfair_med.runtime.openfl.process import plan_fingerprint
+    from fedfair_med.runtime.openfl.spec import plan_fingerprint
 
     recorded = json.loads((Path(bundle) / "site.json").read_text()).get("plan_sha256")
     if recorded is not None and recorded != plan_fingerprint(Path(bundle) / "plan"):

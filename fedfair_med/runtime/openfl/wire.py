@@ -1,17 +1,8 @@
-"""The wire protocol shared by our aggregator and collaborators on top of OpenFL 1.9.
-
-Three things OpenFL does not give us and both sides must agree on:
+"""What crosses between our collaborators and aggregator on top of OpenFL 1.9: names and encodings.
 
 * **A lossless, dtype-preserving codec.** OpenFL's default pipeline casts every tensor to float32;
   FlexFair's group sums, the evaluation summaries and BatchNorm counters would then differ from the
   simulation. :class:`LosslessPipeline` ships raw bytes with ``[dtype code, *shape]`` as metadata.
-* **A phase schedule.** OpenFL runs every task of a round back to back at a collaborator and only
-  aggregates at the round's end, so "train, aggregate, evaluate the new model" needs two OpenFL
-  rounds per method round. Method round r trains in OpenFL round r−1 and is evaluated at the start
-  of OpenFL round r (together with the next training); one extra OpenFL round evaluates the final
-  model. Methods with a forward-only statistics pass get one more OpenFL round per method round
-  (statistics → aggregate → train). :class:`Schedule` maps OpenFL rounds to phases and
-  :class:`PhaseAssigner` hands out exactly those tasks.
 * **Names on the wire.** OpenFL moves, stores and aggregates every tensor separately (one gRPC
   call and several pandas look-ups per tensor and round; ~0.6 s per round for a 57-tensor UNet,
   measured), so the whole model travels as **one** uint8 tensor :data:`MODEL_BLOB`: the state's raw
@@ -23,25 +14,20 @@ Three things OpenFL does not give us and both sides must agree on:
   fixed-size count/sum tables over a vocabulary fixed in the plan), secure aggregation's masked
   tensors — is packed into one self-describing tensor :data:`PACKED` (:func:`pack_arrays`), and the
   aggregator unpacks both before reading a round (:func:`expand_packed`).
+
+Which tasks run in which OpenFL round is :mod:`~fedfair_med.runtime.openfl.schedule`'s business.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import time
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from openfl.component.assigner.assigner import Assigner
 from openfl.pipelines.pipeline import TransformationPipeline, Transformer
 
-TRAIN, EVALUATE, STATISTICS = "fedfair_train", "fedfair_evaluate", "fedfair_statistics"
-#: secure aggregation's key round (before a masked phase) and unmasking round (after it)
-SECAGG_KEYS, SECAGG_UNMASK = "fedfair_secagg_keys", "fedfair_secagg_unmask"
 SERVER_STATE = "__server_state__"
 EXTRA_PREFIX = "extra/"
 SUMMARY_PREFIX = "summary/"
@@ -82,33 +68,6 @@ class LosslessPipeline(TransformationPipeline):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(transformers=[_RawBytes()], **kwargs)
-
-
-class RoundTiming:
-    """Seconds per phase of one OpenFL round, appended as one JSON line to ``$FEDFAIR_TIMING_LOG``
-    when it is set (collaborators and the aggregator; benchmarks read it)."""
-
-    def __init__(self, who: str, fl_round: int = 0) -> None:
-        self.who, self.fl_round = who, int(fl_round)
-        self.phases: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
-
-    def lap(self, phase: str) -> None:
-        """Time since the previous lap (or since this object was made) goes to ``phase``."""
-        now = time.perf_counter()
-        self.add(phase, now - self._last)
-        self._last = now
-
-    def write(self) -> None:
-        path = os.environ.get("FEDFAIR_TIMING_LOG")
-        if path and self.phases:
-            line = {"site": self.who, "round": self.fl_round,
-                    **{k: round(v, 6) for k, v in sorted(self.phases.items())}}
-            with open(path, "a") as fh:
-                fh.write(json.dumps(line) + "\n")
 
 
 # ---- the model ⇄ one uint8 tensor --------------------------------------------------------------
@@ -259,108 +218,3 @@ def tables_to_summary(tables: Mapping[str, np.ndarray], vocabularies: Mapping[st
         if rows:
             groups[attribute] = rows
     return {"overall": overall, "groups": groups}
-
-
-def bootstrap_replicates(spec: Mapping[str, Any]) -> int:
-    """B, the plan's number of Poisson-bootstrap replicates (``bootstrap_replicates``, default 1000)."""
-    from fedfair_med.fairness.bootstrap import DEFAULT_REPLICATES
-
-    return int(spec.get("bootstrap_replicates", DEFAULT_REPLICATES))
-
-
-# ---- phases --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Schedule:
-    """Which tasks OpenFL round k runs, and which method round each task belongs to."""
-
-    rounds: int
-    statistics: bool = False
-    #: secure aggregation: each masked phase is framed by SECAGG_KEYS and SECAGG_UNMASK
-    secure: bool = False
-
-    @property
-    def openfl_rounds(self) -> int:
-        return 2 * self.rounds + 1 if self.statistics else self.rounds + 1
-
-    def tasks(self, k: int) -> list[str]:
-        out: list[str] = []
-        if self.evaluated_round(k) is not None:
-            out.append(EVALUATE)
-        if self.statistics_round(k) is not None:
-            out.append(STATISTICS)
-        if self.train_round(k) is not None:
-            out.append(TRAIN)
-        if self.secure and (STATISTICS in out or TRAIN in out):
-            out.insert(out.index(STATISTICS if STATISTICS in out else TRAIN), SECAGG_KEYS)
-            out.append(SECAGG_UNMASK)
-        return out
-
-    def train_round(self, k: int) -> int | None:
-        if self.statistics:
-            return (k + 1) // 2 if k % 2 == 1 and k < 2 * self.rounds else None
-        return k + 1 if 0 <= k < self.rounds else None
-
-    def statistics_round(self, k: int) -> int | None:
-        if self.statistics and k % 2 == 0 and k < 2 * self.rounds:
-            return k // 2 + 1
-        return None
-
-    def evaluated_round(self, k: int) -> int | None:
-        """The method round whose aggregate is evaluated in OpenFL round k (None: no evaluation)."""
-        if self.statistics:
-            return k // 2 if k % 2 == 0 and k >= 2 else None
-        return k if 1 <= k <= self.rounds else None
-
-
-class PhaseAssigner(Assigner):
-    """Every collaborator gets the tasks :class:`Schedule` lists for the round."""
-
-    def __init__(self, tasks: Any, authorized_cols: list[str], rounds_to_train: int,
-                 schedule: Mapping[str, Any], **kwargs: Any) -> None:
-        self.schedule = Schedule(int(schedule["rounds"]), bool(schedule["statistics"]),
-                                 bool(schedule.get("secure", False)))
-        super().__init__(tasks, authorized_cols, rounds_to_train, **kwargs)
-        self.define_task_assignments()
-
-    def define_task_assignments(self) -> None:
-        self.all_tasks_in_groups = list(self.tasks)
-
-    def get_tasks_for_collaborator(self, collaborator_name: str, round_number: int) -> list[str]:
-        return self.schedule.tasks(round_number)
-
-    def get_collaborators_for_task(self, task_name: str, round_number: int) -> list[str]:
-        return list(self.authorized_cols) if task_name in self.schedule.tasks(round_number) else []
-
-    def get_all_tasks_for_round(self, round_number: int) -> list[str]:
-        return self.schedule.tasks(round_number)
-
-
-# ---- the federation spec every component reads from the plan ------------------------------
-@dataclass(frozen=True)
-class FederationSpec:
-    """What the plan fixes for everyone: the run configuration, the sites, the vocabularies."""
-
-    run: dict[str, Any]
-    sites: list[str]
-    vocabularies: dict[str, list[str]]
-    group_vocabulary: list[str]
-    attributes: list[str]
-    schedule: Schedule
-    #: sites send masked tensors; the aggregator decodes only sums (runtime/openfl/secure.py)
-    secure_aggregation: bool = False
-
-    @classmethod
-    def from_settings(cls, spec: Mapping[str, Any]) -> "FederationSpec":
-        return cls(run=dict(spec["run"]), sites=list(spec["sites"]),
-                   vocabularies={k: list(v) for k, v in spec["vocabularies"].items()},
-                   group_vocabulary=list(spec["group_vocabulary"]),
-                   attributes=list(spec["attributes"]),
-                   schedule=Schedule(int(spec["schedule"]["rounds"]),
-                                     bool(spec["schedule"]["statistics"]),
-                                     bool(spec["schedule"].get("secure", False))),
-                   secure_aggregation=bool(spec.get("secure_aggregation", False)))
-
-    def config(self) -> Any:
-        from fedfair_med.config import RunConfig
-
-        return RunConfig(**self.run)
