@@ -164,7 +164,7 @@ def training_wait(task_name: str, manifests: list[str], epochs: int) -> dict[str
                                   objective=site.objective, settings=site.resolved.settings,
                                   round=epoch, num_groups=site.num_groups)
                 start, cpu = time.perf_counter(), time.process_time()
-                side["algorithm"].client_update(ctx, side["model"], side["state"], {}, site.private_state)
+                side["algorithm"].client_update(ctx, side["model"], side["state"], {}, site.client_state.kept)
                 total_s += time.perf_counter() - start
                 total_cpu_s += time.process_time() - cpu
                 if mode == "cached_prefetch":  # process CPU time counts both threads: wall only

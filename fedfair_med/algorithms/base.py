@@ -12,6 +12,7 @@ counts, FedNova's normaliser or SCAFFOLD's control-variate delta. Per-sample val
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from typing import Any, Callable, Iterable, Mapping
 
@@ -159,7 +160,8 @@ class Algorithm:
     def on_round_start(
         self, ctx: SiteContext, model: nn.Module, broadcast: StateDict, site_state: StateDict
     ) -> None:
-        """Called at a site before local training with the server's broadcast."""
+        """Called at a site before local training with the server's broadcast; ``site_state`` is
+        ``ctx.state.kept``, and what the other hooks need this round goes in ``ctx.state.round``."""
 
     def prepare_model(self, model: nn.Module, ctx: SiteContext) -> nn.Module:
         return model
@@ -208,14 +210,27 @@ class Algorithm:
         model: nn.Module,
         global_state: StateDict,
         broadcast: StateDict,
-        site_state: StateDict,
+        site_state: StateDict | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> ClientUpdate:
         """Train ``model`` (loaded with ``global_state``) on the site's data; return the update.
 
-        ``site_state`` is the site's private memory between rounds (e.g. SCAFFOLD's c_i); it is
-        changed in place and never sent.
+        The site's memory is ``ctx.state``, which the runtime keeps per site: ``kept`` (e.g.
+        SCAFFOLD's c_i) is changed in place and never sent; ``round`` (what the hooks need during
+        this round, and the statistics pass's results) is emptied when the update is done.
+        ``site_state``, when given, stands in for ``ctx.state.kept`` (a caller holding a bare dict).
         """
+        if site_state is not None and site_state is not ctx.state.kept:
+            ctx = dataclasses.replace(ctx, state=ClientState(kept=site_state, round=ctx.state.round))
+        try:
+            return self._train(ctx, model, global_state, broadcast, progress)
+        finally:
+            ctx.state.round.clear()
+
+    def _train(self, ctx: SiteContext, model: nn.Module, global_state: StateDict,
+               broadcast: StateDict, progress: Callable[[int], None] | None) -> ClientUpdate:
+        """The shared local loop of :meth:`client_update`."""
+        site_state = ctx.state.kept
         load_state(model, global_state)
         to_device(model, ctx.device)
         broadcast = on_device(broadcast, ctx.device)

@@ -57,6 +57,8 @@ WEIGHT_KEY = "fairfed/weight/"
 DELTA_KEY = "fairfed/delta/"
 GLOBAL_KEY = "fairfed/global_value"
 STATS_KEY = "fairfed.stats."
+#: ctx.state.round key: the global model's statistics, from the round's start to the update
+STATISTICS = "fairfed.statistics"
 
 
 class FairFed(Algorithm):
@@ -77,12 +79,11 @@ class FairFed(Algorithm):
     # ---- statistics of the global model, sent with the update ---------------------------------
     def on_round_start(self, ctx: SiteContext, model: nn.Module, broadcast: StateDict,
                        site_state: StateDict) -> None:
-        self._statistics = getattr(self, "_statistics", {})
-        self._statistics[ctx.site] = self.client_statistics(ctx, model)
+        ctx.state.round[STATISTICS] = self.client_statistics(ctx, model)
 
     def client_extras(self, ctx: SiteContext, start_state: StateDict, model: nn.Module,
                       steps: int, site_state: StateDict) -> StateDict:
-        return {STATS_KEY + k: v for k, v in self._statistics.pop(ctx.site).items()}
+        return {STATS_KEY + k: v for k, v in ctx.state.round.pop(STATISTICS).items()}
 
     def start_aggregation(self, global_state: StateDict, server_state: StateDict) -> Aggregation:
         """ω needs every site's statistics, so the round's updates are collected first

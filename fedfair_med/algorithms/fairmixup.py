@@ -40,6 +40,10 @@ from fedfair_med.algorithms.params import check_number
 from fedfair_med.contracts import MISSING, SiteContext, StateDict
 
 
+#: ctx.state.round key: batches seen at the site this round
+STEP = "fairmixup.step"
+
+
 def attribute_strings(batch: Mapping[str, Any], attribute: str) -> list[str]:
     """The batch's values of ``attribute`` as strings (collated lists or tensors)."""
     if attribute not in batch:
@@ -97,10 +101,6 @@ class FairMixup(Algorithm):
 
     name = "fairmixup"
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self._steps: dict[tuple[int, int], int] = {}  # (round, site index) → batches seen
-
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
         return {"weight": 0.1, "attribute": "sex"}
@@ -117,12 +117,12 @@ class FairMixup(Algorithm):
     def on_round_start(
         self, ctx: SiteContext, model: nn.Module, broadcast: StateDict, site_state: StateDict
     ) -> None:
-        self._steps[(ctx.round, ctx.site_index)] = 0
+        ctx.state.round[STEP] = 0
 
     def _next_step(self, ctx: SiteContext) -> int:
-        key = (ctx.round, ctx.site_index)
-        step = self._steps.get(key, 0)
-        self._steps[key] = step + 1
+        """This round's batch count at the site (it seeds t), then one more."""
+        step = ctx.state.round.get(STEP, 0)
+        ctx.state.round[STEP] = step + 1
         return step
 
     def mix(

@@ -26,14 +26,12 @@ from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.algorithms.params import check_number
 from fedfair_med.contracts import SiteContext, StateDict
 
+#: ctx.state.round key: the round's global weights w_g, per trainable parameter
+ANCHOR = "fedprox.anchor"
+
 
 class FedProx(Algorithm):
     name = "fedprox"
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        # Global weights w_g per site for the round in progress (sites may share one instance).
-        self._anchors: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -49,8 +47,8 @@ class FedProx(Algorithm):
     def on_round_start(
         self, ctx: SiteContext, model: nn.Module, broadcast: StateDict, site_state: StateDict
     ) -> None:
-        """Remember w_g: the model has just been loaded with the global weights."""
-        self._anchors[ctx.site] = {
+        """Remember w_g (for this site's round): the model has just been loaded with it."""
+        ctx.state.round[ANCHOR] = {
             name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
         }
 
@@ -58,7 +56,7 @@ class FedProx(Algorithm):
         """grad ← grad + μ (w − w_g), the gradient of (μ/2)‖w − w_g‖²."""
         if self.mu == 0.0:
             return
-        anchor = self._anchors[ctx.site]
+        anchor = ctx.state.round[ANCHOR]
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name not in anchor:
@@ -68,10 +66,3 @@ class FedProx(Algorithm):
                     p.grad = pull
                 else:
                     p.grad.add_(pull)
-
-    def client_extras(
-        self, ctx: SiteContext, start_state: StateDict, model: nn.Module, steps: int,
-        site_state: StateDict,
-    ) -> StateDict:
-        self._anchors.pop(ctx.site, None)  # the round is over; free the copy of w_g
-        return {}

@@ -60,6 +60,11 @@ SUMS, COUNTS, COEF, TOTAL = "flexfair.sums", "flexfair.counts", "flexfair.coef",
 WEIGHT_TOTAL = "flexfair.weight_total"
 #: site_state keys: the site's own exact contribution to the statistics it last sent
 OWN_SUMS, OWN_COUNTS, OWN_ROUND = "own.sums", "own.counts", "own.round"
+#: ctx.state.round keys, the round in progress at the site: the broadcast coefficients (linear),
+#: the running group sums and sample count (carried), the live estimate's state, and (fresh)
+#: (round, the site's exact statistics from the statistics pass)
+ROUND_COEF, ROUND_SUMS, ROUND_SEEN = "flexfair.round.coef", "flexfair.round.sums", "flexfair.round.seen"
+ROUND_LIVE, FRESH = "flexfair.round.live", "flexfair.round.fresh"
 PENALTIES = ("live", "linear")
 #: a group whose pooled (possibly noisy) count is below this is left out of the live penalty
 MIN_GROUP_COUNT = 1.0
@@ -69,12 +74,6 @@ class FlexFair(Algorithm):
     name = "flexfair"
     #: Clip, σ and seed for DP group statistics; None (default) shares exact statistics.
     statistics_privacy: StatisticsPrivacy | None = None
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        #: fresh mode: each site's exact statistics at the round's start, (site, round) -> stats;
-        #: filled by client_statistics, taken by on_round_start (2K numbers per site, local)
-        self._fresh_own: dict[tuple[str, int], GroupStatistics] = {}
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -131,8 +130,7 @@ class FlexFair(Algorithm):
             logits = model(batch["image"])
             acc = acc + self._batch_stats(batch, logits, ctx)
             n += len(batch["group"])
-        self._fresh_own = {key: v for key, v in self._fresh_own.items() if key[1] >= ctx.round}
-        self._fresh_own[(ctx.site, ctx.round)] = acc
+        ctx.state.round[FRESH] = (ctx.round, acc)  # exact, for this round's live estimate
         acc = self._privatize(acc, ctx, passes=1)
         return {SUMS: acc.sums, COUNTS: acc.counts, TOTAL: torch.tensor(float(n))}
 
@@ -160,19 +158,21 @@ class FlexFair(Algorithm):
 
     def on_round_start(self, ctx: SiteContext, model: nn.Module, broadcast: StateDict,
                        site_state: StateDict) -> None:
-        self._coef = broadcast.get(COEF)
-        self._acc = GroupStatistics.zeros(ctx.num_groups)
-        self._seen = 0
-        self._live = None
+        held = ctx.state.round
+        held[ROUND_COEF] = broadcast.get(COEF)
+        held[ROUND_SUMS] = GroupStatistics.zeros(ctx.num_groups)
+        held[ROUND_SEEN] = 0
+        held[ROUND_LIVE] = None
         if self.params["penalty"] == "live" and SUMS in broadcast:
-            self._live = self._live_state(ctx, broadcast, site_state)
+            held[ROUND_LIVE] = self._live_state(ctx, broadcast, site_state)
 
     def _live_state(self, ctx: SiteContext, broadcast: StateDict,
                     site_state: StateDict) -> dict[str, torch.Tensor] | None:
         """What the live estimate needs this round, or None when the site's own contribution to
         the broadcast statistics is unknown (it missed the round they come from)."""
         if self.params["statistics"] == "fresh":
-            own = self._fresh_own.pop((ctx.site, ctx.round), None)
+            fresh = ctx.state.round.pop(FRESH, None)
+            own = fresh[1] if fresh is not None and fresh[0] == ctx.round else None
         elif OWN_ROUND in site_state and int(site_state[OWN_ROUND]) == ctx.round - 1:
             own = GroupStatistics(site_state[OWN_SUMS], site_state[OWN_COUNTS])
         else:
@@ -196,12 +196,12 @@ class FlexFair(Algorithm):
             "running": torch.where(own.counts > 0, own.sums / own.counts.clamp_min(1), 0.0),
         }
 
-    def live_risks(self, risk: torch.Tensor, group: torch.Tensor,
+    @staticmethod
+    def live_risks(live: dict[str, Any], risk: torch.Tensor, group: torch.Tensor,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-        """R_k^est for this batch (differentiable through the batch's risks); NaN for groups
-        with no samples in the federation. Updates the running means of the groups present."""
-        live = self._live
-        assert live is not None
+        """R_k^est for this batch (differentiable through the batch's risks) from the round's
+        ``live`` state (:meth:`_live_state`); NaN for groups with no samples in the federation.
+        Updates the running means of the groups present."""
         k = live["counts"].numel()
         group = group.reshape(-1).to(torch.long)
         keep = group >= 0
@@ -228,30 +228,32 @@ class FlexFair(Algorithm):
         if lam == 0:
             return None
         mask = ctx.objective.risk_mask(batch)
-        if self._live is not None:
-            risks = self.live_risks(self._risk(logits, batch, ctx), batch["group"], mask)
-            factor = self._live["factor"]
-            return (lam * factor * penalty(risks, self._live["weights"])).to(logits.dtype)
-        if self.params["penalty"] == "linear" and self._coef is not None:
+        live, coef = ctx.state.round.get(ROUND_LIVE), ctx.state.round.get(ROUND_COEF)
+        if live is not None:
+            risks = self.live_risks(live, self._risk(logits, batch, ctx), batch["group"], mask)
+            return (lam * live["factor"] * penalty(risks, live["weights"])).to(logits.dtype)
+        if self.params["penalty"] == "linear" and coef is not None:
             risk = ctx.objective.sample_risk(logits, batch)
-            return lam * surrogate_penalty(risk, batch["group"], self._coef, mask)
+            return lam * surrogate_penalty(risk, batch["group"], coef, mask)
         return None
 
     def observe_batch(self, batch: Mapping[str, Any], logits: torch.Tensor, ctx: SiteContext) -> None:
         if self.params["statistics"] == "carried":
-            self._acc = self._acc + self._batch_stats(batch, logits, ctx)
-            self._seen += len(batch["group"])
+            held = ctx.state.round
+            held[ROUND_SUMS] = held[ROUND_SUMS] + self._batch_stats(batch, logits, ctx)
+            held[ROUND_SEEN] += len(batch["group"])
 
     def client_extras(self, ctx: SiteContext, start_state: StateDict, model: nn.Module,
                       steps: int, site_state: StateDict) -> StateDict:
         if self.params["statistics"] != "carried":
             return {}
+        acc, seen = ctx.state.round[ROUND_SUMS], ctx.state.round[ROUND_SEEN]
         # the exact contribution stays here: next round's live estimate swaps it for a live one
-        site_state.update({OWN_SUMS: self._acc.sums, OWN_COUNTS: self._acc.counts,
+        site_state.update({OWN_SUMS: acc.sums, OWN_COUNTS: acc.counts,
                            OWN_ROUND: torch.tensor(float(ctx.round))})
         # a sample enters the carried sums once per local epoch
-        sent = self._privatize(self._acc, ctx, passes=max(int(ctx.settings.epochs), 1))
-        return {SUMS: sent.sums, COUNTS: sent.counts, TOTAL: torch.tensor(float(self._seen))}
+        sent = self._privatize(acc, ctx, passes=max(int(ctx.settings.epochs), 1))
+        return {SUMS: sent.sums, COUNTS: sent.counts, TOTAL: torch.tensor(float(seen))}
 
 
 def _pool(per_site: Mapping[str, StateDict]) -> tuple[GroupStatistics, float]:

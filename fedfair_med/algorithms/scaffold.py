@@ -37,18 +37,13 @@ SERVER_C = "scaffold.c."  # server state / broadcast: c per state entry
 SITE_C = "scaffold.ci."  # site_state: the site's own c_i, never sent
 DELTA_C = "scaffold.dc."  # extras: Δc_i per trainable parameter
 NUM_SITES = "scaffold.num_sites"
+#: ctx.state.round key: (c, c_i, c − c_i) per trainable parameter for the round in progress
+ROUND_C = "scaffold.round"
 
 
 class Scaffold(Algorithm):
     name = "scaffold"
     required_optimizer = "sgd"
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        # Per site, for the round in progress: c, c_i and c − c_i for each trainable parameter.
-        self._server_c: dict[str, dict[str, torch.Tensor]] = {}
-        self._site_c: dict[str, dict[str, torch.Tensor]] = {}
-        self._corrections: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -97,13 +92,11 @@ class Scaffold(Algorithm):
             server_c[name] = c
             site_c[name] = c_i
             corrections[name] = c - c_i
-        self._server_c[ctx.site] = server_c
-        self._site_c[ctx.site] = site_c
-        self._corrections[ctx.site] = corrections
+        ctx.state.round[ROUND_C] = (server_c, site_c, corrections)
 
     def after_backward(self, model: nn.Module, ctx: SiteContext) -> None:
         """g ← g + (c − c_i): the drift correction."""
-        corrections = self._corrections[ctx.site]
+        _, _, corrections = ctx.state.round[ROUND_C]
         with torch.no_grad():
             for name, p in model.named_parameters():
                 correction = corrections.get(name)
@@ -120,9 +113,7 @@ class Scaffold(Algorithm):
         site_state: StateDict,
     ) -> StateDict:
         """Option II: c_i⁺ = c_i − c + (x − y)/(K η_l); send Δc_i, keep c_i⁺ in site_state."""
-        server_c = self._server_c.pop(ctx.site)
-        site_c = self._site_c.pop(ctx.site)
-        self._corrections.pop(ctx.site)
+        server_c, site_c, _ = ctx.state.round[ROUND_C]
         extras: StateDict = {}
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -19,6 +19,7 @@ from fedfair_med.algorithms.base import (
     Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, load_state, move_batch, to_device,
 )
 from fedfair_med.config import RunConfig
+from fedfair_med.contracts import ClientState
 from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
 from fedfair_med.data.prefetch import BackgroundBatches, prefetch_enabled
 from fedfair_med.fairness.site_summaries import site_summary
@@ -92,7 +93,9 @@ class SiteRunner:
         # Held-out split for model selection (sweeps); None when the site has none.
         self.val_set = (GroupedDataset(site.val, config.attribute, vocabulary)
                         if site.val is not None and len(site.val) > 0 else None)  # type: ignore[arg-type]
-        self.private_state: StateDict = {}
+        #: this site's client-side memory (SCAFFOLD's c_i, FlexFair's own statistics, the round in
+        #: progress), handed to the method in every SiteContext; the method instance holds none
+        self.client_state = ClientState()
         # DP-SGD's accountant stays at the site across rounds; None when DP-SGD is off.
         self.dp_sgd = None
         if config.privacy.get("dp_sgd"):
@@ -121,7 +124,8 @@ class SiteRunner:
         return SiteContext(site=self.name, site_index=self.site_index, loader=loader,
                            objective=self.objective, settings=self.resolved.settings,
                            round=round_index, num_groups=self.num_groups,
-                           device=self.placement.device, precision=self.placement.precision)
+                           device=self.placement.device, precision=self.placement.precision,
+                           state=self.client_state)
 
     def statistics(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
                    round_index: int) -> StateDict:
@@ -144,8 +148,7 @@ class SiteRunner:
             ctx.private_training = self.dp_sgd.session(
                 noise_seed=derive_seed(self.config.seed, round_index, self.site_index, "dp-sgd-noise"),
                 sampling_seed=derive_seed(self.config.seed, round_index, self.site_index, "dp-sgd-batches"))
-        return algorithm.client_update(ctx, model, global_state, broadcast, self.private_state,
-                                       progress=progress)
+        return algorithm.client_update(ctx, model, global_state, broadcast, progress=progress)
 
     def _split(self, split: str) -> GroupedDataset:
         if split == "test":
