@@ -145,3 +145,22 @@ def test_a_weights_file_with_no_matching_tensor_is_a_clear_error(tmp_path: Path)
         build_network("sanet", in_channels=3, out_channels=1, backbone_weights=str(path), **TINY_SANET)
     with pytest.raises(ValueError, match="unknown network"):
         build_network("sanet-xl", in_channels=3, out_channels=1)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_resnet18_without_batch_norm_keeps_no_batch_statistics(norm: str) -> None:
+    torch.manual_seed(0)
+    model = build_network("resnet18", in_channels=3, out_channels=2, norm=norm).train()
+    assert not any("running_mean" in key or "num_batches" in key for key in model.state_dict())
+    # What a site's batch holds (e.g. its label mix) cannot shift another image's output.
+    images = torch.randn(4, 3, 32, 32)
+    alone = model(images[:1])
+    in_batch = model(torch.cat([images[:1], 5 * images[1:] + 3]))[:1]
+    torch.testing.assert_close(alone, in_batch, rtol=1e-4, atol=1e-5)
+    batch_norm = build_network("resnet18", in_channels=3, out_channels=2).train()
+    assert not torch.allclose(batch_norm(images[:2])[:1], batch_norm(torch.cat([images[:1], 5 * images[1:2] + 3]))[:1])
+
+
+def test_an_unknown_norm_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="norm must be one of batch, group, instance"):
+        build_network("resnet18", in_channels=3, out_channels=2, norm="layer")

@@ -8,6 +8,7 @@ only from a local file the user names (``weights=PATH``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -47,13 +48,45 @@ def _basicunet(in_channels: int, out_channels: int, spatial_dims: int = 2,
                      out_channels=out_channels, features=tuple(features))
 
 
+NORMS = ("batch", "group", "instance")
+GROUPS = 16  # channel groups of GroupNorm; ResNet-18's widths (64…512) are all multiples
+
+
+def replace_batch_norm(model: nn.Module, norm: str) -> nn.Module:
+    """Swap every BatchNorm layer for ``norm`` (``group`` or ``instance``), in place.
+
+    Why: BatchNorm keeps running means of each site's activations, and FedAvg averages them
+    across sites whose label mix differs (HAM10000's sites: 3 % to 35 % malignant), so the global
+    model normalises with statistics no site sees. Group and instance norm keep none. (MONAI
+    1.6.1's ResNet passes its ``norm`` argument only to the stem, so the swap is done here.)
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
+    if norm == "batch":
+        return model
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            channels = child.num_features
+            if norm == "group":
+                layer: nn.Module = nn.GroupNorm(math.gcd(GROUPS, channels), channels)
+            else:
+                instance = {nn.BatchNorm1d: nn.InstanceNorm1d, nn.BatchNorm2d: nn.InstanceNorm2d,
+                            nn.BatchNorm3d: nn.InstanceNorm3d}[type(child)]
+                layer = instance(channels, affine=True)
+            setattr(model, name, layer)
+        else:
+            replace_batch_norm(child, norm)
+    return model
+
+
 @register("resnet18")
-def _resnet18(in_channels: int, out_channels: int, spatial_dims: int = 2) -> nn.Module:
-    """MONAI ResNet-18 classifier."""
+def _resnet18(in_channels: int, out_channels: int, spatial_dims: int = 2,
+              norm: str = "batch") -> nn.Module:
+    """MONAI ResNet-18 classifier; ``norm: group`` for federations with label-skewed sites."""
     from monai.networks.nets import resnet18
 
-    return resnet18(spatial_dims=spatial_dims, n_input_channels=in_channels,
-                    num_classes=out_channels)
+    return replace_batch_norm(resnet18(spatial_dims=spatial_dims, n_input_channels=in_channels,
+                                       num_classes=out_channels), norm)
 
 
 @register("densenet121")
