@@ -39,6 +39,7 @@ dividing. ``num_samples`` (the site's size, also the FedAvg weight) is not noise
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -49,6 +50,7 @@ from fedfair_med.algorithms.base import Algorithm, move_batch, num_examples
 from fedfair_med.algorithms.params import check_choice, check_number
 from fedfair_med.contracts import ClientUpdate, SiteContext, StateDict
 from fedfair_med.fairness.criteria import CRITERIA
+from fedfair_med.fairness.gap import group_deviations
 from fedfair_med.fairness.penalty import GroupStatistics, group_sums
 from fedfair_med.privacy.mechanism import clamp_noisy_statistics, clip_risk, privatize_group_statistics
 from fedfair_med.privacy.settings import StatisticsPrivacy
@@ -180,14 +182,16 @@ class FairFed(Algorithm):
             return loss[s] / n[s].clamp_min(1)
 
         deltas = []
-        if self.params["criterion"] == "ea":
+        if self.params["criterion"] == "ea":  # groups are sites: each site's distance from the pool
             global_value = pooled.sums.sum() / pooled.counts.sum().clamp_min(1)
-            for s in sites:
-                if local[s].counts.sum() > 0:
-                    value = local[s].sums.sum() / local[s].counts.sum()
-                    deltas.append((value - global_value).abs())
-                else:
+            distances, _ = group_deviations([float(local[s].sums.sum()) for s in sites],
+                                            [float(local[s].counts.sum()) for s in sites],
+                                            pooled=float(global_value))
+            for s, distance in zip(sites, distances):
+                if math.isnan(distance):  # no risk sample at this site: accuracy instead
                     deltas.append((mean_loss(s) - global_loss).abs())
+                else:
+                    deltas.append(torch.tensor(distance, dtype=torch.float64))
             return torch.stack(deltas), global_value
 
         risks = pooled.risks

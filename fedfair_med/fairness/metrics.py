@@ -39,6 +39,7 @@ from typing import Any, Hashable
 import numpy as np
 
 from fedfair_med.contracts import is_missing
+from fedfair_med.fairness.gap import max_gap
 
 __all__ = [
     "is_missing",
@@ -106,6 +107,11 @@ def group_means(values: Any, *, sensitive_features: Any) -> dict[Hashable, tuple
     v = _as_float_array(values, "values")
     if len(v) == 0:
         raise ValueError("values is empty")
+    return {k: (n, total / n) for k, (n, total) in _group_sums(v, sensitive_features).items()}
+
+
+def _group_sums(v: np.ndarray, sensitive_features: Any) -> dict[Hashable, tuple[int, float]]:
+    """{group: (n_k, Σ of values over group k)}, in sorted group order; sums in sample order."""
     keys, known = _group_keys(sensitive_features, len(v))
     sums: dict[Hashable, float] = {}
     counts: dict[Hashable, int] = {}
@@ -118,19 +124,20 @@ def group_means(values: Any, *, sensitive_features: Any) -> dict[Hashable, tuple
         order = sorted(counts)
     except TypeError:  # mixed label types: fall back to their text
         order = sorted(counts, key=str)
-    return {k: (counts[k], sums[k] / counts[k]) for k in order}
+    return {k: (counts[k], sums[k]) for k in order}
 
 
 def _max_gap_to_pooled(values: np.ndarray, sensitive_features: Any) -> float:
-    """max_k |mean(values | k) − mean(values over samples with a known group)|."""
+    """max_k |mean(values | k) − mean(values over samples with a known group)|
+    (:func:`fedfair_med.fairness.gap.max_gap`, pooled mean straight from the values)."""
     if len(values) == 0:
         raise ValueError("input is empty: no samples to compute a gap over")
     keys, known = _group_keys(sensitive_features, len(values))
     if not known.any():
         raise ValueError("every sample has a missing sensitive feature; no groups to compare")
-    pooled = float(values[known].mean())
-    groups = group_means(values, sensitive_features=sensitive_features)
-    return float(max(abs(mean - pooled) for _, mean in groups.values()))
+    groups = _group_sums(values, sensitive_features).values()
+    return max_gap([total for _, total in groups], [n for n, _ in groups],
+                   pooled=float(values[known].mean()))
 
 
 def equal_accuracy_gap(metric: Any, *, sensitive_features: Any) -> float:

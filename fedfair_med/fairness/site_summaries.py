@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from fedfair_med.fairness.metrics import is_missing
+from fedfair_med.contracts import is_missing
+from fedfair_med.fairness.gap import max_gap
 
 Summary = dict[str, Any]
 
@@ -66,20 +67,9 @@ def _merge(into: dict[str, float], other: Mapping[str, float]) -> None:
         into[key] = into.get(key, 0) + value
 
 
-def _known_total(groups: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """The pooled sums over samples that belong to one of ``groups`` (attribute known)."""
-    total = _empty()
-    for acc in groups.values():
-        _merge(total, acc)
-    return total
-
-
-def _gap(groups: Mapping[str, Mapping[str, float]], total: Mapping[str, float], num: str, den: str) -> float:
-    if not total[den]:
-        return float("nan")
-    mean = total[num] / total[den]
-    diffs = [abs(g[num] / g[den] - mean) for g in groups.values() if g[den]]
-    return max(diffs) if diffs else float("nan")
+def _gap(groups: Mapping[str, Mapping[str, float]], num: str, den: str) -> float:
+    """The gap of ``num / den`` over ``groups`` (:func:`fedfair_med.fairness.gap.max_gap`)."""
+    return max_gap([g[num] for g in groups.values()], [g[den] for g in groups.values()])
 
 
 def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool) -> dict[str, Any]:
@@ -93,14 +83,13 @@ def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool)
         for a, groups in summaries[s]["groups"].items():
             for g, acc in groups.items():
                 _merge(attr_groups[a].setdefault(g, _empty()), acc)
-    gaps: dict[str, float] = {"ea": _gap(sites, total, "metric", "n")}
+    gaps: dict[str, float] = {"ea": _gap(sites, "metric", "n")}
     if classification:
         for a in sorted(attr_groups):
             if a == "age":
                 continue
-            known = _known_total(attr_groups[a])
-            gaps[f"dp:{a}"] = _gap(attr_groups[a], known, "score", "n")
-            gaps[f"eo:{a}"] = _gap(attr_groups[a], known, "score_pos", "n_pos")
+            gaps[f"dp:{a}"] = _gap(attr_groups[a], "score", "n")
+            gaps[f"eo:{a}"] = _gap(attr_groups[a], "score_pos", "n_pos")
     return {
         "metric": total["metric"] / total["n"] if total["n"] else float("nan"),
         "n": int(total["n"]),
