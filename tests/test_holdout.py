@@ -229,3 +229,50 @@ def test_sweep_command_resumes_a_finished_study_from_its_summaries(study: dict, 
     assert "ran 0 run(s), skipped 6 already finished" in result.output
     assert "| hospital-b | flexfair | default | 1 |" in result.output
     assert not list((tmp_path / "out" / "runs").rglob("model.pt"))
+
+
+def _write_fold(folder: Path, *, federation: float, held: float, ci: list, auc: float, dp: float,
+                dp_ci: list, decision: float, female: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "run.yaml").write_text(yaml.safe_dump({"task": "skin", "resolved": {
+        "kind": "classification", "primary_metric": "accuracy", "sites": ["hospital-x"]}}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "metric": 0.1}) + "\n"
+                                          + json.dumps({"round": 2, "metric": federation}) + "\n")
+    (folder / "report.json").write_text("{}")
+    (folder / HOLDOUT_FILE).write_text(json.dumps({
+        "holdout": {"fold": folder.parent.name, "site": "hospital-" + folder.parent.name[-1],
+                    "training_sites": ["hospital-x"]},
+        "primary_metric": "accuracy", "kind": "classification",
+        "overall": {"n": 40, "metric": held, "ci95": ci, "auc": auc, "ece": 0.1},
+        "groups": [{"attribute": "site", "group": "x", "n": 40, "metric": held},
+                   {"attribute": "sex", "group": "female", "n": 20, "metric": female, "auc": auc},
+                   {"attribute": "sex×age_band", "group": "female & >60", "n": 5, "metric": 0.0}],
+        "gaps": {"ea": 0.0, "dp:sex": dp}, "gaps_ci95": {"ea": [None, None], "dp:sex": dp_ci},
+        "decision_gaps": {"dp:sex": decision}}))
+
+
+def test_fold_table_known_answer_seeds_intervals_and_classification_quality(tmp_path: Path) -> None:
+    """Hand-written summaries: mean ± std over seeds, one seed's interval, AUC and the missing run."""
+    root = tmp_path / "results" / "skin-loso"
+    root.mkdir(parents=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "skin-loso", "base": {"task": "skin", "rounds": 2}, "seeds": [0, 1],
+        "methods": {"fedavg": {"method": "fedavg"}},
+        "holdout": {"site-a": "s/site-a/manifest.csv", "site-b": "s/site-b/manifest.csv"}}))
+    _write_fold(root / "fedavg/holdout=site-a/seed-0", federation=0.8, held=0.7, ci=[0.5, 0.9],
+                auc=0.75, dp=0.1, dp_ci=[0.0, 0.2], decision=0.2, female=0.6)
+    _write_fold(root / "fedavg/holdout=site-a/seed-1", federation=0.7, held=0.6, ci=[0.4, 0.8],
+                auc=0.65, dp=0.3, dp_ci=[0.1, 0.5], decision=0.4, female=0.4)
+    _write_fold(root / "fedavg/holdout=site-b/seed-0", federation=0.9, held=0.55, ci=[0.4, 0.7],
+                auc=0.6, dp=0.25, dp_ci=[0.05, 0.45], decision=0.1, female=0.5)
+    shutil.copytree(root / "fedavg/holdout=site-b/seed-0", root / "fedavg/holdout=site-b/seed-1")
+    (root / "fedavg/holdout=site-b/seed-1" / HOLDOUT_FILE).unlink()  # trained, never audited
+    page = render_section(tmp_path / "results")
+    assert "**3 of 4 planned fold runs finished**" in page
+    assert ("| hospital-a | fedavg | default | 2 | 0.750 ± 0.071 | 0.650 ± 0.071 | -0.100 ± 0.000 "
+            "| 0.200 ± 0.141 |") in page
+    assert "| hospital-b | fedavg | default | 1 | 0.900 | 0.550 [0.400, 0.700] | -0.350 | 0.250 [0.050, 0.450] |" in page
+    assert "| held-out site | method | setting | n | sex=female | AUC sex=female |" in page
+    assert "| hospital-a | fedavg | default | 40 | 0.500 | 0.700 |" in page
+    assert "| hospital-a | fedavg | default | 0.700 | 0.100 | 0.300 |" in page  # AUC, ECE, decisions
+    assert "**Not finished (not counted above):** `fedavg/holdout=site-b/seed-1`." in page
