@@ -112,7 +112,11 @@ def register(app: typer.Typer) -> None:
             help="Committed summaries folder (e.g. results/NAME): each finished run's run.yaml, "
                  "metrics.jsonl and report.json go there; runs with a summary are not rerun."),
     ) -> None:
-        """Run a sweep (methods × grid × seeds); finished runs are skipped, so it resumes."""
+        """Run a sweep (methods × grid × seeds); finished runs are skipped, so it resumes.
+
+        With ``holdout: all`` in the file, every run is repeated once per site left out of
+        training, and the model is audited on that site (leave one site out).
+        """
         from fedfair_med.experiments.sweep import SweepError, load_sweep, plan_status, run_sweep
 
         try:
@@ -136,8 +140,11 @@ def register(app: typer.Typer) -> None:
                 _fail(str(err))
         typer.echo(f"ran {len(result.executed)} run(s), skipped {len(result.skipped)} "
                    "already finished")
-        console.print(result_table(result.outputs["table.csv"]))
-        typer.echo(result.outputs["table.md"].read_text().splitlines()[0])
+        if "table.csv" in result.outputs:
+            console.print(result_table(result.outputs["table.csv"]))
+            typer.echo(result.outputs["table.md"].read_text().splitlines()[0])
+        else:  # leave one site out (holdout: in the sweep file)
+            typer.echo(result.outputs["holdout.md"].read_text())
         for name, path in result.outputs.items():
             typer.echo(f"{name}: {path}")
 

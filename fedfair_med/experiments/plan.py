@@ -8,6 +8,7 @@ The file format and the run layout are described in :mod:`fedfair_med.experiment
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -19,9 +20,9 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from fedfair_med.config import ConfigError, RunConfig, load_config
-
 from fedfair_med.contracts import SEGMENTATION
-SWEEP_KEYS = ("name", "base", "seeds", "select", "reference", "methods")
+
+SWEEP_KEYS = ("name", "base", "seeds", "select", "reference", "methods", "holdout")
 METHOD_KEYS = ("method", "grid", "fixed", "settings")
 SELECT_KEYS = ("metric_weight", "gap_weight", "gap")
 SWEEP_SET = ("method", "method_params", "seed", "name")  # the sweep sets these per run
@@ -30,6 +31,10 @@ RESERVED_COLUMNS = ("label", "method", "point", "seed", "rounds", "metric_name",
 _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 DEFAULT_POINT = "default"
+#: Leave-one-site-out runs live in ``<label>/holdout=<site>[,<point>]/seed-<s>`` and are finished
+#: only when the held-out site's audit, :data:`HOLDOUT_FILE`, is there too.
+HOLDOUT_PREFIX = "holdout="
+HOLDOUT_FILE = "holdout.json"
 
 
 class SweepError(ConfigError):
@@ -60,6 +65,8 @@ class PlannedRun:
     seed: int
     config: RunConfig
     relpath: str  # relative to the sweep's output folder
+    holdout: str | None = None  # leave one site out: the manifest of the site left out
+    fold: str | None = None  # ... and its name (the fold)
 
     def path(self, out: Path) -> Path:
         return Path(out) / self.relpath
@@ -82,6 +89,7 @@ class Sweep:
     reference: str
     kind: str
     runs: list[PlannedRun] = field(default_factory=list)
+    holdout: dict[str, str] = field(default_factory=dict)  # fold name -> held-out manifest
 
     @property
     def grid_params(self) -> list[str]:
@@ -214,13 +222,26 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
     if not isinstance(methods, dict) or not methods:
         problems.append("methods: must map a label to {method, grid, fixed}")
         methods = {}
+    folds = _holdout_folds(raw, base, methods, problems) if base_config is not None else {}
     runs: list[PlannedRun] = []
     for label, entry in methods.items():
         # With a broken base the entries are checked against the default configuration, so
         # the base's problem is reported once, not again at every grid point.
-        entry_runs = _expand(str(label), entry, base if base_config is not None else {},
-                             seeds, name, problems, REGISTRY)
-        runs.extend(entry_runs if base_config is not None else [])
+        if not folds:
+            entry_runs = _expand(str(label), entry, base if base_config is not None else {},
+                                 seeds, name, problems, REGISTRY)
+            runs.extend(entry_runs if base_config is not None else [])
+            continue
+        for fold, manifest in folds.items():
+            others = [m for m in base["data"]["manifests"] if m != manifest]
+            fold_base = {**base, "data": {**base["data"], "manifests": others}}
+            entry_runs = _expand(str(label), entry, fold_base, seeds, f"{name}-{HOLDOUT_PREFIX[:-1]}-{fold}",
+                                 problems if fold == next(iter(folds)) else [], REGISTRY)
+            for run in entry_runs:
+                point = holdout_point(fold, run.point)
+                runs.append(dataclasses.replace(
+                    run, point=point, relpath=f"runs/{run.label}/{point}/seed-{run.seed}",
+                    holdout=manifest, fold=fold))
 
     relpaths = [r.relpath for r in runs]
     if len(set(relpaths)) != len(relpaths):
@@ -237,7 +258,58 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
     if problems:
         raise SweepError(f"{where}invalid sweep file:\n  " + "\n  ".join(problems))
     return Sweep(name=name, base=base, seeds=list(seeds), methods={str(k): v for k, v in methods.items()},
-                 selection=selection, reference=str(reference), kind=kind, runs=runs)
+                 selection=selection, reference=str(reference), kind=kind, runs=runs, holdout=folds)
+
+
+# ---- leave one site out -----------------------------------------------------------------------
+def fold_name(manifest: str | Path) -> str:
+    """A held-out site's fold name from its manifest path: the file's stem, or its folder's name
+    when the file is ``manifest.csv`` (as the importers write them)."""
+    path = Path(manifest)
+    stem = path.stem if path.stem != "manifest" else (path.parent.name or path.stem)
+    return _UNSAFE.sub("_", stem) or "site"
+
+
+def holdout_point(fold: str, point: str) -> str:
+    """``holdout=<fold>`` or ``holdout=<fold>,<point>``: the fold first, so the folder says it."""
+    return HOLDOUT_PREFIX + fold + ("" if point == DEFAULT_POINT else "," + point)
+
+
+def split_holdout_point(name: str) -> tuple[str | None, str]:
+    """(fold, setting point) of a run folder's point name; (None, name) outside a holdout study."""
+    if not name.startswith(HOLDOUT_PREFIX):
+        return None, name
+    fold, _, point = name[len(HOLDOUT_PREFIX):].partition(",")
+    return fold, point or DEFAULT_POINT
+
+
+def _holdout_folds(raw: Mapping[str, Any], base: Mapping[str, Any], methods: Any,
+                   problems: list[str]) -> dict[str, str]:
+    """``holdout: all`` (every site of base.data.manifests in turn) or a list of fold names:
+    {fold name: held-out manifest}; {} without the key."""
+    if "holdout" not in raw or raw["holdout"] in (None, False):
+        return {}
+    wanted = raw["holdout"]
+    manifests = (base.get("data") or {}).get("manifests")
+    if not isinstance(manifests, list) or len(manifests) < 2:
+        problems.append("holdout: needs base.data.manifests with at least two sites (one is left "
+                        "out in turn, the others train)")
+        return {}
+    folds = {fold_name(m): str(m) for m in manifests}
+    if len(folds) != len(manifests):
+        problems.append(f"holdout: two manifests give the same site name ({[fold_name(m) for m in manifests]}); "
+                        "name the files or their folders apart")
+        return {}
+    if wanted not in ("all", True):
+        if (not isinstance(wanted, list) or not wanted
+                or not all(isinstance(f, str) and f in folds for f in wanted)):
+            problems.append(f"holdout: 'all' or a list of sites among {sorted(folds)}, got {wanted!r}")
+            return {}
+        folds = {f: folds[f] for f in wanted}
+    for label, entry in (methods.items() if isinstance(methods, dict) else []):
+        if isinstance(entry, dict) and "data" in (entry.get("settings") or {}):
+            problems.append(f"methods.{label}.settings: data is set per fold by holdout; set it in base")
+    return folds
 
 
 def _expand(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[int], sweep_name: str,
@@ -319,10 +391,15 @@ def _expand_entry(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[
 
 def is_finished(run_dir: Path) -> bool:
     """A run is finished when its report.json exists and parses (the runtime writes it after
-    metrics, predictions and model)."""
-    report = Path(run_dir) / "report.json"
-    try:
-        json.loads(report.read_text())
-    except (OSError, ValueError):
-        return False
+    metrics, predictions and model); a leave-one-site-out run (``holdout=…`` folder) also
+    needs its held-out audit, holdout.json."""
+    run_dir = Path(run_dir)
+    needed = ["report.json"]
+    if run_dir.parent.name.startswith(HOLDOUT_PREFIX):
+        needed.append(HOLDOUT_FILE)
+    for name in needed:
+        try:
+            json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            return False
     return True

@@ -8,6 +8,8 @@ value is in any of them. A study's summaries live under a committed folder::
 
     results/<study>/sweep.yaml                          the validated sweep that made them
     results/<study>/<label>/<point>/seed-<s>/           run.yaml, metrics.jsonl, report.json
+                                                        (+ holdout.json: leave one site out,
+                                                        :mod:`fedfair_med.experiments.holdout`)
 
 ``fedfair-med sweep FILE --results results/<study>`` writes each summary as its run finishes
 and skips any run whose summary is already there, so a study resumes on a fresh checkout;
@@ -49,11 +51,13 @@ import yaml
 
 from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION
 from fedfair_med.experiments.plan import (
+    HOLDOUT_FILE,
     PlannedRun,
     Selection,
     Sweep,
     SweepError,
     is_finished,
+    split_holdout_point,
 )
 
 SUMMARY_FILES = ("run.yaml", "metrics.jsonl", "report.json")
@@ -83,6 +87,8 @@ def write_summary(run_dir: Path, target: Path) -> Path:
     partial.mkdir(parents=True)
     for name in SUMMARY_FILES:
         shutil.copyfile(run_dir / name, partial / name)
+    if (run_dir / HOLDOUT_FILE).is_file():  # a leave-one-site-out fold's audit (aggregates only)
+        shutil.copyfile(run_dir / HOLDOUT_FILE, partial / HOLDOUT_FILE)
     if target.exists():
         shutil.rmtree(target)
     partial.rename(target)
@@ -141,7 +147,7 @@ def _planned(description: dict[str, Any]) -> int:
         for values in ((entry or {}).get("grid") or {}).values():
             points *= len(values)
         total += points
-    return total * len(description.get("seeds") or [])
+    return total * len(description.get("seeds") or []) * max(1, len(description.get("holdout") or {}))
 
 
 def load_study(path: Path) -> Study:
@@ -169,15 +175,18 @@ def load_study(path: Path) -> Study:
             config = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
             params = {k: (config.get("method_params") or {}).get(k) for k in grid}
             kind = (config.get("resolved") or {}).get("kind", kind)
+            fold = split_holdout_point(run_dir.parent.name)[0]
             runs.append(PlannedRun(label=str(label), method=str(entry.get("method")),
                                    point=run_dir.parent.name, params=params,
                                    seed=int(run_dir.name.removeprefix("seed-")),
                                    config=None,  # type: ignore[arg-type]
-                                   relpath="runs/" + run_dir.relative_to(path).as_posix()))
+                                   relpath="runs/" + run_dir.relative_to(path).as_posix(),
+                                   holdout=(description.get("holdout") or {}).get(fold), fold=fold))
     sweep = Sweep(name=str(description.get("name", path.name)), base=description.get("base") or {},
                   seeds=list(description.get("seeds") or []),
                   methods={str(k): v for k, v in methods.items()}, selection=selection,
-                  reference=str(description.get("reference", "")), kind=kind, runs=runs)
+                  reference=str(description.get("reference", "")), kind=kind, runs=runs,
+                  holdout=dict(description.get("holdout") or {}))
     return Study(name=sweep.name, path=path, description=description, sweep=sweep,
                  planned=_planned(description))
 
@@ -366,6 +375,14 @@ def render_section(root: Path, plots: Path | None = None, plots_link: str | None
     if not studies:
         parts += ["No study has summaries yet.", ""]
     for study in studies:
+        if study.sweep.holdout:  # leave one site out: its own tables, no Pareto plot
+            from fedfair_med.experiments.holdout import holdout_markdown
+
+            where = (Path(root.resolve().name)
+                     / study.path.resolve().relative_to(root.resolve())).as_posix()
+            parts.append(holdout_markdown(study, where).rstrip())
+            parts.append("")
+            continue
         link = None
         if plots_link is not None:
             link = f"{plots_link.rstrip('/')}/{study.name}-pareto.png"

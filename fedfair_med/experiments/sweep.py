@@ -28,6 +28,10 @@ Resuming: a run is finished when its directory holds a ``report.json`` that pars
 written into ``seed-<s>.partial/`` and renamed into place only when it has finished, so a
 killed sweep leaves no directory that looks finished; anything unfinished is redone.
 
+With ``holdout: all`` (or a list of sites), every run is repeated once per site of
+``base.data.manifests`` left out of training, and its model is audited on that site
+(leave one site out, :mod:`fedfair_med.experiments.holdout`).
+
 With ``results`` (a committed folder, :mod:`fedfair_med.experiments.results`), every finished
 run's summary (run.yaml, metrics.jsonl, report.json) is copied to
 ``results/<label>/<point>/seed-<s>/`` as it finishes, a run whose summary is there counts
@@ -117,9 +121,11 @@ class _Silent:
         pass
 
 
-def execute_run(config: Mapping[str, Any], target: str) -> str:
+def execute_run(config: Mapping[str, Any], target: str, holdout: str | None = None) -> str:
     """Run one configuration into ``target``: into ``target.partial`` first, renamed when done.
 
+    With ``holdout`` (a leave-one-site-out fold), the trained model is audited on that site's
+    manifest before the rename, so a fold interrupted between training and audit stays partial.
     A top-level function so 'spawn' worker processes can import it.
     """
     from fedfair_med.runtime.local import run_simulation
@@ -128,6 +134,10 @@ def execute_run(config: Mapping[str, Any], target: str) -> str:
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     run_simulation(RunConfig(**config), partial)
+    if holdout is not None:
+        from fedfair_med.experiments.holdout import audit_fold
+
+        audit_fold(partial, holdout)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -206,7 +216,7 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                 progress.run_started(run)
                 ok = True
                 try:
-                    execute_run(run.config.to_dict(), str(run.path(out)))
+                    execute_run(run.config.to_dict(), str(run.path(out)), run.holdout)
                     keep_summary(run)
                 except Exception as err:  # noqa: BLE001 - reported with the run below
                     failures.append((run, err))
@@ -225,7 +235,8 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                     run = queue.pop(0)
                     progress.run_started(run)
                     try:
-                        future = pool.submit(execute_run, run.config.to_dict(), str(run.path(out)))
+                        future = pool.submit(execute_run, run.config.to_dict(), str(run.path(out)),
+                                             run.holdout)
                     except BrokenProcessPool as err:  # a worker died: nothing more can start
                         for lost in [run, *queue]:
                             failures.append((lost, err))
@@ -252,7 +263,11 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
         raise SweepError(f"{len(failures)} run(s) failed (rerun the sweep to retry them):\n  "
                          + "\n  ".join(lines))
     result = SweepResult(out=out, executed=status.to_run, skipped=status.finished)
-    if analyse:
+    if analyse and sweep.holdout:
+        from fedfair_med.experiments.holdout import write_holdout_outputs
+
+        result.outputs = write_holdout_outputs(sweep, out, source=results)
+    elif analyse:
         from fedfair_med.experiments.analysis import write_outputs
 
         result.outputs = write_outputs(sweep, out, source=results)
@@ -261,7 +276,11 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
 
 def _describe(sweep: Sweep) -> dict[str, Any]:
     """The validated sweep, written beside its runs so the outputs say what produced them."""
-    return {"name": sweep.name, "base": sweep.base, "seeds": sweep.seeds, "methods": sweep.methods,
-            "select": {"metric_weight": sweep.selection.metric_weight,
-                       "gap_weight": sweep.selection.gap_weight, "gap": sweep.selection.gap},
-            "reference": sweep.reference}
+    described = {"name": sweep.name, "base": sweep.base, "seeds": sweep.seeds,
+                 "methods": sweep.methods,
+                 "select": {"metric_weight": sweep.selection.metric_weight,
+                            "gap_weight": sweep.selection.gap_weight, "gap": sweep.selection.gap},
+                 "reference": sweep.reference}
+    if sweep.holdout:
+        described["holdout"] = dict(sweep.holdout)  # fold -> held-out manifest
+    return described
