@@ -206,21 +206,20 @@ class FederatedRounds:
     """
 
     def __init__(self, config: Any, task: Any = None, sites: Any = None) -> None:
-        from fedfair_med.algorithms import REGISTRY, build_algorithm
         from fedfair_med.algorithms.base import float_state
-        from fedfair_med.runtime.local import build_sites, method_params
-        from fedfair_med.runtime.site import build_global_model
-        from fedfair_med.tasks import build_task
+        from fedfair_med.runtime.local import build_sites
+        from fedfair_med.runtime.setup import RunSetup
 
         from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 
         config.validate()
         keep_freed_memory()  # as run_simulation does
         self.config = config
-        self.task = task or build_task(config.task)
-        self.sites = sites if sites is not None else build_sites(config, self.task)
-        self.algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
-        self.model = build_global_model(config, self.task)
+        setup = RunSetup.create(config, task)  # the run set-up run_simulation makes
+        self.task = setup.task
+        self.sites = sites if sites is not None else build_sites(setup)
+        self.algorithm = setup.algorithm
+        self.model = setup.build_model()
         self.global_state = float_state(self.model)
         self.server_state = self.algorithm.init_server_state(self.global_state, [s.name for s in self.sites])
         self.round_index = 0
@@ -228,7 +227,7 @@ class FederatedRounds:
     def __call__(self) -> None:
         import torch
 
-        from fedfair_med.runtime.site import derive_seed
+        from fedfair_med.runtime.setup import derive_seed
 
         self.round_index += 1
         r, algorithm = self.round_index, self.algorithm

@@ -135,7 +135,7 @@ def training_wait(task_name: str, manifests: list[str], epochs: int) -> dict[str
     from fedfair_med.config import RunConfig
     from fedfair_med.data.federation import make_loader
     from fedfair_med.runtime.local import build_sites
-    from fedfair_med.runtime.site import build_global_model, derive_seed
+    from fedfair_med.runtime.setup import RunSetup, build_global_model, derive_seed
     from fedfair_med.tasks import build_task
 
     from fedfair_med.data.prefetch import BackgroundBatches
@@ -145,7 +145,7 @@ def training_wait(task_name: str, manifests: list[str], epochs: int) -> dict[str
         cache = mode != "uncached"
         config = RunConfig(task=task_name, method="fedavg", data={"manifests": manifests, "cache": cache})
         task = build_task(task_name)
-        sites = build_sites(config, task)
+        sites = build_sites(RunSetup.create(config, task))
         model = build_global_model(config, task)
         sides[mode] = {"sites": sites, "model": model, "state": float_state(model), "epochs": [],
                        "algorithm": build_algorithm("fedavg")}

@@ -211,8 +211,6 @@ def aggregator_start(
         help="Stop if no site reports anything for this many seconds (set above the slowest site's round)."),
 ) -> None:
     """Run every round; write run.yaml, metrics.jsonl, model.pt and report.json to WORKSPACE/run."""
-    import json
-
     from fedfair_med.runtime.openfl.process import run_aggregator
 
     console.print(f"aggregator serving {workspace}{' (resuming)' if resume else ''} …")
@@ -222,9 +220,9 @@ def aggregator_start(
     run_dir = _guard(lambda: run_aggregator(workspace, timeout_s=timeout, finish_grace_s=finish_grace,
                                             resume=resume, idle_timeout_s=idle_timeout, warn=warn))
 
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    for line in lines:
-        record = json.loads(line)
+    from fedfair_med.runtime.rundir import read_metrics
+
+    for record in read_metrics(run_dir):
         dropped = f"  dropped: {', '.join(record['dropped'])}" if record.get("dropped") else ""
         console.print(f"  round {record['round']}: metric {record['metric']:.4f}{dropped}")
     console.print(f"[green]✓[/green] run directory: {run_dir}")

@@ -45,11 +45,10 @@ def unfinished_run(run_dir: Path) -> str | None:
 
 
 def _report_run(run_dir: Path, min_group_size: int, age_edges: Optional[str]) -> None:
-    import json
-
     from rich.console import Console
 
-    from fedfair_med.reporting.render import RunDirectoryError, print_summary, write_reports
+    from fedfair_med.reporting.render import _title, print_summary
+    from fedfair_med.runtime.rundir import RunDirectoryError, read_report, read_run_yaml, write_reports
 
     why = unfinished_run(run_dir) if run_dir.is_dir() else None
     if why:
@@ -59,12 +58,10 @@ def _report_run(run_dir: Path, min_group_size: int, age_edges: Optional[str]) ->
         paths = write_reports(run_dir, min_group_size=min_group_size, age_edges=edges)
     except (RunDirectoryError, ValueError, OSError) as error:
         _fail(str(error))
-    from fedfair_med.reporting.render import _title, read_run_yaml
-
     console = Console(highlight=False)
     title, subtitle = _title(read_run_yaml(run_dir))
     console.print(f"run {run_dir}: {title}" + (f" ({subtitle})" if subtitle else ""), markup=False)
-    print_summary(json.loads(paths["json"].read_text(encoding="utf-8")), console)
+    print_summary(read_report(run_dir), console)
     if not (run_dir / "predictions.csv").exists():
         console.print("no predictions.csv (they stayed at the sites): rendered the existing "
                       "report.json; --min-group-size and --age-edges were not re-applied",

@@ -104,7 +104,7 @@ def test_classification_report_carries_auc_calibration_and_decision_gaps():
     from sklearn.metrics import roc_auc_score
 
     from fedfair_med.fairness import expected_calibration_error
-    from fedfair_med.reporting.audit import build_report
+    from fedfair_med.reporting.run_report import build_run_report
     from fedfair_med.reporting.render import render_html, render_markdown
 
     rng = np.random.default_rng(7)
@@ -117,7 +117,7 @@ def test_classification_report_carries_auc_calibration_and_decision_gaps():
     frame = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "site": rng.choice(["a", "b"], n),
                           "sex": rng.choice(["female", "male"], n), "age": age, "y_true": y,
                           "score": score, "y_pred": y_pred, "metric": (y_pred == y).astype(float)})
-    report = build_report(frame, kind="classification", attributes=["sex", "age"],
+    report = build_run_report(frame, kind="classification", attributes=["sex", "age"],
                           primary_metric="accuracy", n_boot=50, intersections=False)
     assert report["overall"]["auc"] == pytest.approx(roc_auc_score(y, score))
     assert report["overall"]["ece"] == pytest.approx(expected_calibration_error(y, score))

@@ -162,19 +162,22 @@ def test_values_outside_the_plans_vocabulary_are_refused() -> None:
 
 
 def test_federated_report_carries_every_interval_and_the_dp_release() -> None:
-    from fedfair_med.config import RunConfig
-    from fedfair_med.runtime.openfl.aggregation import federated_report
+    from fedfair_med.reporting.run_report import build_run_report
 
     pooled = predictions()
     record = combine_summaries({s: site_summary(pooled[pooled["site"] == s], ["site", "sex"]) for s in SITES},
                                classification=True)
-    config = RunConfig(task="synthetic-cls")
-    plain = federated_report(record, config, list(SITES))
+
+    def federated_report(record: dict, sites: list, bootstrap: dict | None = None) -> dict:
+        return build_run_report(kind="classification", primary_metric="accuracy", final_round=record,
+                                sites=sites, bootstrap=bootstrap)
+
+    plain = federated_report(record, list(SITES))
     assert plain["overall"]["ci95"] == [None, None] and all(g["ci95"] == [None, None] for g in plain["groups"])
     cis = poisson_bootstrap(pooled, VOCAB, seed=0, replicates=200, classification=True)
     cis["privacy"] = BootstrapPrivacy.accounting({"statistics_epsilon": 2.0, "statistics_delta": 1e-6},
                                                  replicates=200, attributes=len(VOCAB))
-    report = federated_report(record, config, list(SITES), bootstrap=cis)
+    report = federated_report(record, list(SITES), bootstrap=cis)
     assert report["overall"]["ci95"] == cis["overall"]
     rows = {(g["attribute"], g["group"]): g["ci95"] for g in report["groups"]}
     assert {k: v for k, v in rows.items() if k[0] == "site"} == {("site", s): cis["sites"][s] for s in SITES}
@@ -183,3 +186,14 @@ def test_federated_report_carries_every_interval_and_the_dp_release() -> None:
     assert report["settings"]["n_boot"] == 200
     assert report["settings"]["bootstrap_privacy"]["epsilon"] == pytest.approx(2.0, rel=1e-5)
     assert any("differentially private" in w for w in report["warnings"])
+    # one builder, one shape: from the pooled predictions it gives the same numbers and keys
+    # (decision gaps need the per-sample decisions, which stay at the sites in a federation)
+    direct = build_run_report(pooled, kind="classification", primary_metric="accuracy",
+                              attributes=["sex"], intersections=False, n_boot=20)
+    assert set(direct) == set(report) | {"decision_gaps"}
+    assert report["overall"]["metric"] == pytest.approx(direct["overall"]["metric"], abs=1e-12)
+    assert {k: report["gaps"][k] for k in direct["gaps"]} == pytest.approx(direct["gaps"], abs=1e-12)
+    assert set(report["definitions"]) == set(report["gaps"])  # the summaries also give dp/eo:site
+    assert {k: report["definitions"][k] for k in direct["gaps"]} == direct["definitions"]
+    assert [(g["attribute"], g["group"], g["n"]) for g in report["groups"]] == \
+        [(g["attribute"], g["group"], g["n"]) for g in direct["groups"]]

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.config import ConfigError, RunConfig, load_config
 from fedfair_med.runtime.device import DeviceUnavailable, placement
-from fedfair_med.runtime.local import build_sites, method_params, run_simulation
+from fedfair_med.runtime.local import build_sites, run_simulation
+from fedfair_med.runtime.setup import RunSetup, build_global_model, method_params
 from fedfair_med.runtime.rundir import read_metrics
-from fedfair_med.runtime.site import build_global_model
 from fedfair_med.tasks import build_task
 
 FAST = dict(rounds=2, max_steps=3, data={"scale": 0.1, "size": 16})
@@ -88,7 +88,7 @@ def test_cuda_without_cuda_is_one_line_error_without_traceback(tmp_path) -> None
     doctor = CliRunner().invoke(_cli(), ["doctor", "--device", "cuda:1"])
     assert doctor.exit_code == 1 and "cuda:1 (unusable here)" in doctor.output
     with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
-        build_sites(load_config({"device": "cuda:0", **FAST}), build_task("synthetic-seg"))
+        build_sites(RunSetup.create(load_config({"device": "cuda:0", **FAST})))
 
 
 def test_device_and_precision_values_are_checked_before_anything_runs() -> None:
@@ -131,7 +131,7 @@ def test_what_a_site_sends_is_on_the_cpu_in_full_precision(method: str) -> None:
                           "method_params": {"statistics": "carried"} if method == "flexfair" else {},
                           **FAST})
     task = build_task(config.task)
-    site = build_sites(config, task)[0]
+    site = build_sites(RunSetup.create(config, task))[0]
     algorithm = build_algorithm(method, **method_params(config, REGISTRY[method]))
     model = build_global_model(config, task)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -26,7 +26,7 @@ from openfl.utilities import SingletonABCMeta
 from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.config import ConfigError, RunConfig, load_config
 from fedfair_med.privacy.secure_sum import FRACTION_BITS, SecureSumError, decode
-from fedfair_med.runtime.local import method_params
+from fedfair_med.runtime.setup import build_global_model, method_params
 from fedfair_med.runtime.openfl.aggregation import MethodAggregation
 from fedfair_med.runtime.openfl.wire import (
     MODEL_BLOB, MODEL_TAG, SERVER_STATE, TRAINED_TAG, ModelLayout, expand_packed, pack_state,
@@ -39,7 +39,6 @@ from fedfair_med.runtime.openfl.secure import (
 from fedfair_med.runtime.openfl.taskrunner import SiteTaskRunner
 from fedfair_med.runtime.openfl.workspace import FederationError, render_plan
 from fedfair_med.runtime.rundir import read_metrics
-from fedfair_med.runtime.site import build_global_model
 from fedfair_med.tasks import build_task
 from test_openfl_federation import (
     SITES, TINY, Processes, cli, free_port, make_federation, simulate,

@@ -151,6 +151,24 @@ def assert_same_numbers(ws: Path, tmp_path: Path) -> None:
     assert fed_model.keys() == sim_model.keys()
     for name in sim_model:
         assert torch.equal(fed_model[name], sim_model[name]), name
+    assert_same_resolved_facts(ws / "run", tmp_path / "simulation")
+
+
+def assert_same_resolved_facts(federated_run: Path, simulated_run: Path) -> None:
+    """Both runtimes write run.yaml's ``resolved`` section from one run set-up (RunSetup.facts).
+
+    Only ``device`` legitimately differs: the simulation records the device it computed on, the
+    aggregator the plan's setting (each site records its own in its bundle's device.json).
+    """
+    federated = yaml.safe_load((federated_run / "run.yaml").read_text())["resolved"]
+    simulated = yaml.safe_load((simulated_run / "run.yaml").read_text())["resolved"]
+    plan = yaml.safe_load((federated_run.parent / "plan/plan.yaml").read_text())
+    assert federated.pop("device") == plan["fedfair"]["settings"]["spec"]["run"]["device"]
+    assert simulated.pop("device") == "cpu"
+    assert {"kind", "primary_metric", "attributes", "sites", "rounds", "batch_size", "local",
+            "precision"} <= set(simulated)
+    assert federated == simulated
+    assert simulated["sites"] == SITES and simulated["rounds"] == 2
 
 
 def assert_wire_is_clean(wire_log: Path, ws: Path) -> None:

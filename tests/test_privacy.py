@@ -23,7 +23,7 @@ from fedfair_med.privacy.dpsgd import PoissonBatches, SiteDPSGD, make_dp_compati
 from fedfair_med.privacy.settings import DPSGDSettings, StatisticsPrivacy
 from fedfair_med.runtime.local import run_simulation
 from fedfair_med.runtime.rundir import read_metrics
-from fedfair_med.runtime.site import build_global_model
+from fedfair_med.runtime.setup import RunSetup, build_global_model
 from fedfair_med.tasks import build_task
 
 FAST = dict(rounds=2, max_steps=2, data={"scale": 0.25})
@@ -257,7 +257,7 @@ def test_dp_sgd_one_round_records_epsilon_per_site(tmp_path) -> None:
     assert not any("running_mean" in k for k in model)  # GroupNorm travelled, not BatchNorm
     from fedfair_med.runtime.local import build_sites
 
-    for site in build_sites(cfg, build_task(cfg.task)):
+    for site in build_sites(RunSetup.create(cfg)):
         batches_per_epoch = -(-len(site.train_set) // site.resolved.batch_size)
         q, steps = 1.0 / batches_per_epoch, min(3, batches_per_epoch)  # Poisson rate, DP steps
         orders = RDPAccountant.DEFAULT_ALPHAS

@@ -18,8 +18,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fedfair_med.cli.report_commands import register
-from fedfair_med.reporting.audit import build_report
-from fedfair_med.reporting.render import RunDirectoryError, write_reports
+from fedfair_med.reporting.run_report import build_run_report
+from fedfair_med.runtime.rundir import RunDirectoryError, write_reports
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -90,10 +90,10 @@ def _rows(report: dict, attribute: str) -> dict[str, dict]:
     return {row["group"]: row for row in report["groups"] if row["attribute"] == attribute}
 
 
-# ---- build_report ----------------------------------------------------------------------------
+# ---- build_run_report ----------------------------------------------------------------------------
 def test_classification_report_matches_numpy():
     frame = _classification_predictions()
-    report = build_report(frame, kind="classification", attributes=["sex", "age", "age_band"],
+    report = build_run_report(frame, kind="classification", attributes=["sex", "age", "age_band"],
                           primary_metric="accuracy", n_boot=300, seed=0, min_group_size=10)
     metric = frame["metric"].to_numpy()
     score = frame["score"].to_numpy()
@@ -152,7 +152,7 @@ def test_classification_report_matches_numpy():
 
 def test_segmentation_report_has_ea_only_and_respects_age_edges():
     frame = _segmentation_predictions()
-    report = build_report(frame, kind="segmentation", attributes=["sex", "age"],
+    report = build_run_report(frame, kind="segmentation", attributes=["sex", "age"],
                           primary_metric="dice", age_edges=(40, 60), n_boot=200,
                           intersections=False)
     metric = frame["metric"].to_numpy()
@@ -171,9 +171,9 @@ def test_segmentation_report_has_ea_only_and_respects_age_edges():
 def test_build_report_rejects_bad_input():
     frame = _classification_predictions()
     with pytest.raises(ValueError, match="kind"):
-        build_report(frame, kind="detection", attributes=[], primary_metric="x")
+        build_run_report(frame, kind="detection", attributes=[], primary_metric="x")
     with pytest.raises(ValueError, match="score"):
-        build_report(frame.drop(columns="score"), kind="classification", attributes=[],
+        build_run_report(frame.drop(columns="score"), kind="classification", attributes=[],
                      primary_metric="accuracy")
 
 
@@ -184,7 +184,7 @@ def test_write_reports_writes_self_contained_html(tmp_path):
     paths = write_reports(run_dir, n_boot=200)
     assert {p.name for p in paths.values()} == {"report.json", "report.md", "report.html"}
     report = json.loads(paths["json"].read_text())
-    assert report == build_report(frame, kind="classification",
+    assert report == build_run_report(frame, kind="classification",
                                   attributes=["sex", "age", "age_band"], primary_metric="accuracy",
                                   n_boot=200)
 

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from fedfair_med.cli.main import app
 from fedfair_med.config import RunConfig, load_config
-from fedfair_med.reporting.audit import build_report, gap_ci
+from fedfair_med.reporting.run_report import build_run_report, gap_ci
 from fedfair_med.runtime import local
 from fedfair_med.runtime.local import run_simulation
 from fedfair_med.runtime.rundir import STAGING_MARK, RunExistsError, read_metrics, read_status
@@ -294,7 +294,7 @@ def test_simulate_prints_one_plain_line_per_round_when_not_a_terminal(tmp_path) 
 # ---- item 7: shipped configs, report header, gap CI, exit codes, --help ---------------------------
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_do_not_trigger_the_adam_warning(name) -> None:
-    from fedfair_med.runtime.site import resolve
+    from fedfair_med.runtime.setup import resolve
     from fedfair_med.tasks import build_task
 
     config = load_config(ROOT / "configs" / name)
@@ -330,7 +330,7 @@ def test_gap_has_a_bootstrap_interval_that_separates_a_real_gap_from_none() -> N
     assert gap_ci(equal, sites, n_boot=300, seed=0)[1] < 0.02
     assert all(np.isnan(gap_ci(equal, ["a"] * 400, n_boot=10, seed=0)))
     frame = pd.DataFrame({"id": [str(i) for i in range(400)], "site": sites, "metric": unequal})
-    report = build_report(frame, kind="segmentation", attributes=[], primary_metric="dice",
+    report = build_run_report(frame, kind="segmentation", attributes=[], primary_metric="dice",
                           n_boot=200)
     low, high = report["gaps_ci95"]["ea"]
     assert low <= report["gaps"]["ea"] + 0.01 and high >= report["gaps"]["ea"] - 0.01

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fedfair_med.config import ConfigError, RunConfig, load_config
 from fedfair_med.runtime.local import build_sites, run_simulation
 from fedfair_med.runtime.rundir import read_metrics
-from fedfair_med.runtime.site import build_global_model
+from fedfair_med.runtime.setup import RunSetup, build_global_model
 from fedfair_med.tasks import build_task
 
 FAST = dict(rounds=2, max_steps=2, data={"scale": 0.25})
@@ -49,7 +49,7 @@ def test_run_directory_contract_classification(tmp_path) -> None:
     assert {"ea", "dp:sex", "eo:sex", "dp:age_band"} <= set(rows[-1]["gaps"])
 
     predictions = pd.read_csv(result.path / "predictions.csv")
-    test_sizes = sum(len(s.test_set) for s in build_sites(cfg, build_task(cfg.task)))
+    test_sizes = sum(len(s.test_set) for s in build_sites(RunSetup.create(cfg)))
     assert len(predictions) == test_sizes
     assert {"id", "site", "sex", "age", "age_band", "y_true", "score", "y_pred", "metric"} <= set(predictions)
     # The round metrics combined from site summaries equal the pooled predictions.
@@ -71,7 +71,7 @@ def test_only_fixed_size_aggregates_leave_a_site() -> None:
         cfg = RunConfig(task="synthetic-cls", method="flexfair", criterion="dp", attribute="sex",
                         method_params={"lam": 1.0}, rounds=1, max_steps=1, data={"scale": scale})
         task = build_task(cfg.task)
-        site = build_sites(cfg, task)[0]
+        site = build_sites(RunSetup.create(cfg, task))[0]
         model = build_global_model(cfg, task)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         update = site.train(build_algorithm("flexfair", lam=1.0), model, state, {}, 1)

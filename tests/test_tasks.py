@@ -330,7 +330,7 @@ def test_skin_metadata_inputs_are_constant_planes_after_rgb(tmp_path: Path) -> N
 
 
 def test_skin_metadata_inputs_shape_the_network_without_data_and_bad_names_are_refused() -> None:
-    from fedfair_med.runtime.site import build_global_model
+    from fedfair_med.runtime.setup import build_global_model
 
     config = RunConfig(task="skin", network="small_cnn", network_kwargs={"width": 4},
                        data={"metadata_inputs": ["age", "sex"]})

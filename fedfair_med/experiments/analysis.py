@@ -24,10 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from fedfair_med.experiments.plan import Selection, Sweep, SweepError
-from fedfair_med.runtime.rundir import read_metrics
+from fedfair_med.runtime.rundir import read_metrics, read_run_yaml
 
 NAN = float("nan")
 
@@ -58,7 +57,7 @@ def load_runs(sweep: Sweep, out: str | Path, summaries: bool = False) -> pd.Data
         if not records:
             raise SweepError(f"{path}: metrics.jsonl has no rounds")
         last = records[-1]
-        resolved = (yaml.safe_load((path / "run.yaml").read_text()) or {}).get("resolved", {})
+        resolved = read_run_yaml(path).get("resolved") or {}
         row: dict[str, Any] = {"label": run.label, "method": run.method, "point": run.point}
         row.update({p: run.params.get(p, NAN) for p in params})
         row.update(seed=run.seed, rounds=int(last["round"]),

@@ -59,6 +59,7 @@ from fedfair_med.experiments.plan import (
     is_finished,
     split_holdout_point,
 )
+from fedfair_med.runtime.rundir import read_metrics
 
 SUMMARY_FILES = ("run.yaml", "metrics.jsonl", "report.json")
 SWEEP_FILE = "sweep.yaml"
@@ -204,10 +205,7 @@ def load_rounds(study: Study) -> pd.DataFrame:
     """One row per (run, round): label, point, seed, round, test metric and every test gap."""
     rows = []
     for run in study.sweep.runs:
-        for line in (run.summary_path(study.path) / "metrics.jsonl").read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
+        for record in read_metrics(run.summary_path(study.path)):
             row = {"label": run.label, "point": run.point, "seed": run.seed,
                    "round": int(record["round"]),
                    "test_metric": math.nan if record.get("metric") is None else float(record["metric"])}

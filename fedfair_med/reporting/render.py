@@ -1,10 +1,8 @@
-"""Turn a run directory into report.json, report.md and a self-contained report.html.
+"""Render a run's report as Markdown and as a self-contained HTML page (and a console summary).
 
-A run directory holds ``run.yaml`` (resolved configuration), ``metrics.jsonl`` (one JSON object
-per round) and, when predictions may leave the sites, ``predictions.csv`` (one row per test
-sample). From the predictions the audit is recomputed (:func:`~fedfair_med.reporting.audit.build_report`);
-in a federated deployment where they stay at the sites, an existing ``report.json`` is rendered
-as is.
+Pure formatting of what :func:`~fedfair_med.reporting.run_report.build_run_report` built and the
+run directory holds (run.yaml, the per-round records); the files themselves are read and written
+by :mod:`fedfair_med.runtime.rundir`.
 
 The HTML embeds its charts as base64 PNG and its styles inline: reports are read on clinical
 machines that are often offline, and a file that fetches nothing also leaks nothing. Charts use
@@ -15,180 +13,17 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import yaml
 
-from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION, TASK_KINDS
-from fedfair_med.reporting.audit import CORE_COLUMNS, DECISION_GAPS_DEFINITION, build_report
+from fedfair_med.contracts import CLASSIFICATION
+from fedfair_med.reporting.run_report import DECISION_GAPS_DEFINITION
 
-__all__ = [
-    "RunDirectoryError",
-    "read_run_yaml",
-    "load_rounds",
-    "load_predictions",
-    "write_reports",
-    "render_markdown",
-    "render_html",
-    "print_summary",
-]
-
-
-class RunDirectoryError(ValueError):
-    """The run directory is missing, incomplete or unreadable (message fits on one line)."""
-
-
-# ---- reading the run directory ---------------------------------------------------------------
-def read_run_yaml(run_dir: Path) -> dict[str, Any]:
-    """``run.yaml`` as a plain dict ({} when the file is absent) — unlike
-    :func:`fedfair_med.config.load_config`, no :class:`RunConfig` and no validation, so a report
-    renders whatever configuration the run recorded."""
-    path = Path(run_dir) / "run.yaml"
-    if not path.exists():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RunDirectoryError(f"{path} is not valid YAML ({type(err).__name__})") from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise RunDirectoryError(f"{path} must hold a mapping, not {type(config).__name__}")
-    return config
-
-
-def load_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-round records of ``metrics.jsonl`` ([] when absent); blank lines are skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rounds = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise RunDirectoryError(f"{path}:{number} is not valid JSON") from None
-        if not isinstance(record, dict) or "round" not in record:
-            raise RunDirectoryError(f"{path}:{number} is not a round record (no 'round' key)")
-        rounds.append(record)
-    return sorted(rounds, key=lambda r: r["round"])
-
-
-def load_predictions(run_dir: Path) -> pd.DataFrame | None:
-    """``predictions.csv`` (None when absent). Only empty cells count as missing values."""
-    path = Path(run_dir) / "predictions.csv"
-    if not path.exists():
-        return None
-    try:
-        frame = pd.read_csv(path, dtype={"id": str, "site": str}, keep_default_na=False,
-                            na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise RunDirectoryError(f"{path} could not be read as CSV ({type(err).__name__})") from None
-    for column in ("site", "metric"):
-        if column not in frame.columns:
-            raise RunDirectoryError(f"{path} has no {column!r} column")
-    if len(frame) == 0:
-        raise RunDirectoryError(f"{path} has no rows")
-    return frame
-
-
-def _task_field(config: Mapping[str, Any], key: str) -> Any:
-    """A fact about the run: top level, under ``resolved`` (what runtimes write) or ``task``."""
-    if key in config:
-        return config[key]
-    for section in ("resolved", "task"):
-        value = config.get(section)
-        if isinstance(value, Mapping) and key in value:
-            return value[key]
-    return None
-
-
-def infer_kind(config: Mapping[str, Any], predictions: pd.DataFrame) -> str:
-    """``kind`` from run.yaml (top level or under ``task``), else from the predictions.
-
-    The fallback calls a run classification when y_true and y_pred are 0/1 labels and the
-    metric is exactly their agreement (1/0 correctness); per-image Dice is not.
-    """
-    kind = _task_field(config, "kind")
-    if kind in TASK_KINDS:
-        return str(kind)
-    needed = {"y_true", "y_pred", "metric"}
-    if needed <= set(predictions.columns):
-        y_true = pd.to_numeric(predictions["y_true"], errors="coerce")
-        y_pred = pd.to_numeric(predictions["y_pred"], errors="coerce")
-        metric = pd.to_numeric(predictions["metric"], errors="coerce")
-        labels = y_true.isin([0, 1]).all() and y_pred.isin([0, 1]).all()
-        if labels and np.array_equal(metric.to_numpy(), (y_true == y_pred).to_numpy(float)):
-            return CLASSIFICATION
-    return SEGMENTATION
-
-
-def infer_attributes(config: Mapping[str, Any], predictions: pd.DataFrame) -> list[str]:
-    """Sensitive attributes: run.yaml's ``attributes`` list, else every non-core CSV column."""
-    listed = _task_field(config, "attributes")
-    if isinstance(listed, (list, tuple)) and listed:
-        return [str(a) for a in listed]
-    return [c for c in predictions.columns if c not in CORE_COLUMNS]
-
-
-def write_reports(
-    run_dir: Path,
-    *,
-    min_group_size: int = 10,
-    age_edges: Sequence[float] = (60,),
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, Path]:
-    """Write report.json (from predictions.csv when present), report.md and report.html.
-
-    Returns {"json": path, "markdown": path, "html": path}. Raises :class:`RunDirectoryError`
-    when ``run_dir`` is not a directory or has neither predictions.csv nor report.json.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise RunDirectoryError(f"run directory {str(run_dir)!r} does not exist")
-    if not run_dir.is_dir():
-        raise RunDirectoryError(f"{str(run_dir)!r} is not a directory")
-    config = read_run_yaml(run_dir)
-    rounds = load_rounds(run_dir)
-    predictions = load_predictions(run_dir)
-    json_path = run_dir / "report.json"
-    if predictions is not None:
-        kind = infer_kind(config, predictions)
-        primary = _task_field(config, "primary_metric") or (
-            "dice" if kind == SEGMENTATION else "accuracy")
-        try:
-            report = build_report(
-                predictions, kind=kind, attributes=infer_attributes(config, predictions),
-                primary_metric=str(primary), age_edges=tuple(age_edges),
-                min_group_size=min_group_size, n_boot=n_boot, seed=seed,
-            )
-        except ValueError as err:
-            raise RunDirectoryError(f"{run_dir / 'predictions.csv'}: {err}") from None
-        json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    elif json_path.exists():
-        try:
-            report = json.loads(json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise RunDirectoryError(f"{json_path} is not valid JSON") from None
-        if not isinstance(report, dict) or not {"overall", "groups", "gaps"} <= set(report):
-            raise RunDirectoryError(f"{json_path} is not a fedfair-med report")
-    else:
-        raise RunDirectoryError(
-            f"{str(run_dir)!r} has neither predictions.csv nor report.json; is it a run directory?"
-        )
-    md_path = run_dir / "report.md"
-    html_path = run_dir / "report.html"
-    md_path.write_text(render_markdown(report, config, rounds), encoding="utf-8")
-    html_path.write_text(render_html(report, config, rounds), encoding="utf-8")
-    return {"json": json_path, "markdown": md_path, "html": html_path}
+__all__ = ["render_markdown", "render_html", "print_summary"]
 
 
 # ---- formatting ------------------------------------------------------------------------------

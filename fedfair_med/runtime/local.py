@@ -13,7 +13,6 @@ set. The test keys are unchanged by it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,16 +22,13 @@ from typing import Any, Protocol
 import pandas as pd
 import torch
 
-from fedfair_med.algorithms import REGISTRY, build_algorithm
-from fedfair_med.algorithms.base import Algorithm, StateDict, float_state, load_state
+from fedfair_med.algorithms.base import StateDict, float_state, load_state
 from fedfair_med.config import RunConfig
-from fedfair_med.fairness.site_summaries import combine_summaries
-from fedfair_med.privacy.settings import PrivacyLedger
+from fedfair_med.contracts import CLASSIFICATION
 from fedfair_med.runtime.malloc_tuning import keep_freed_memory
-from fedfair_med.runtime.rundir import RunDirectory
-from fedfair_med.runtime.site import SiteRunner, build_global_model, derive_seed, resolve
-from fedfair_med.tasks import build_task
-from fedfair_med.tasks.base import CLASSIFICATION, Task
+from fedfair_med.runtime.rundir import RunDirectory, round_record, write_reports
+from fedfair_med.runtime.setup import RunSetup, derive_seed
+from fedfair_med.runtime.site import SiteRunner
 
 
 class Progress(Protocol):
@@ -71,29 +67,6 @@ class RunResult:
     state: StateDict | None = None
 
 
-def method_params(config: RunConfig, algorithm_cls: type[Algorithm]) -> dict[str, Any]:
-    """The method's parameters, with the run's criterion filled in where the method takes it."""
-    params = dict(config.method_params)
-    defaults = algorithm_cls.param_defaults()
-    if "criterion" in defaults and "criterion" not in params:
-        params["criterion"] = config.criterion
-    return params
-
-
-def build_run_algorithm(config: RunConfig, rounds: int) -> tuple[Algorithm, PrivacyLedger]:
-    """The run's method with its privacy wired in, as every runtime needs it.
-
-    Both runtimes (and, in a federation, the aggregator and every collaborator) call this, so a
-    site noises its shared statistics with exactly the σ and seeded stream that the simulation
-    uses, and the server clamps the pooled noisy statistics the same way.
-    """
-    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
-    ledger = PrivacyLedger.from_option(config.privacy, rounds=rounds, seed=config.seed)
-    if ledger.statistics is not None:  # noise the group statistics before they leave each site
-        algorithm.statistics_privacy = ledger.statistics  # type: ignore[attr-defined]
-    return algorithm, ledger
-
-
 def warn_if_penalty_is_normalised_away(config: RunConfig, optimizer: str) -> None:
     """FlexFair-EA rescales each site's own loss; a local Adam step largely undoes that.
 
@@ -108,17 +81,18 @@ def warn_if_penalty_is_normalised_away(config: RunConfig, optimizer: str) -> Non
             "optimizer: sgd (see docs/methods.md)", UserWarning, stacklevel=3)
 
 
-def build_sites(config: RunConfig, task: Task) -> list[SiteRunner]:
+def build_sites(setup: RunSetup) -> list[SiteRunner]:
     """One SiteRunner per site; the fairness attribute must exist in the sites' data."""
+    config = setup.config
     options = {**config.data, "age_edges": config.data.get("age_edges", config.age_edges)}
-    federation = task.load_federation(seed=config.seed, **options)
+    federation = setup.task.load_federation(seed=config.seed, **options)
     vocabulary = federation.group_vocabulary(config.attribute)
     if not vocabulary:
         raise ValueError(
             f"attribute {config.attribute!r} has no value in any site's data, so no sample would "
             f"belong to a fairness group; available attributes: {list(federation.attributes)}")
     attributes = tuple(config.attributes) if config.attributes is not None else federation.attributes
-    return [SiteRunner(task, site, k, config, vocabulary, attributes)
+    return [SiteRunner(setup, site, k, vocabulary, attributes)
             for k, site in enumerate(federation.sites)]
 
 
@@ -147,21 +121,15 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
               made: Any) -> RunResult:
     """The rounds, written into a staging RunDirectory handed to ``made`` as soon as it exists."""
     keep_freed_memory()  # model-sized copies every round reuse heap pages (runtime/malloc_tuning.py)
-    task = build_task(config.task)
-    sites = build_sites(config, task)
-    resolved = resolve(config, task)
-    rundir = RunDirectory(
-        out_dir, config, force=force, kind=task.kind, primary_metric=task.primary_metric,
-        attributes=list(sites[0].attributes), sites=[s.name for s in sites],
-        rounds=resolved.rounds, batch_size=resolved.batch_size,
-        local=dataclasses.asdict(resolved.settings),
-        device=str(sites[0].placement.device), precision=sites[0].placement.precision,
-    )
+    setup = RunSetup.create(config)
+    task, algorithm, ledger, rounds = setup.task, setup.algorithm, setup.ledger, setup.rounds
+    sites = build_sites(setup)
+    rundir = RunDirectory(out_dir, config, force=force, **setup.facts(
+        sites=[s.name for s in sites], attributes=sites[0].attributes,
+        device=str(sites[0].placement.device), precision=sites[0].placement.precision))
     made(rundir)
-    rounds = resolved.rounds
-    algorithm, ledger = build_run_algorithm(config, rounds)
-    warn_if_penalty_is_normalised_away(config, resolved.settings.optimizer)
-    model = build_global_model(config, task)
+    warn_if_penalty_is_normalised_away(config, setup.resolved.settings.optimizer)
+    model = setup.build_model()
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [s.name for s in sites])
     eval_every = int(getattr(config, "eval_every", 1) or 1)
@@ -188,23 +156,17 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
         global_state, server_state = aggregation.result()
         del aggregation
         load_state(model, global_state)  # once: evaluation leaves the weights unchanged
-        record: dict[str, Any] = {
-            "round": r,
-            "elapsed_s": round(time.perf_counter() - started, 3),
-            "train_loss": {s.name: train_loss[s.name] for s in sites},
-        }
+        test = val = None
         if evaluates(r, rounds, eval_every):
             evaluations = _evaluate(sites, model, "test", progress, r)
-            record.update(combine_summaries({k: v[1] for k, v in evaluations.items()},
-                                            classification=classification))
+            test = {k: v[1] for k, v in evaluations.items()}
             if all(s.val_set is not None for s in sites):
                 val = {k: v[1] for k, v in _evaluate(sites, model, "val", progress, r).items()}
-                record["val"] = combine_summaries(val, classification=classification)
-        else:  # readers look for "metric"; this says why there is none
-            record["evaluated"] = False
-        if ledger.active:  # the budget spent so far
-            record["privacy"] = ledger.round_record(r, _dp_sgd_epsilon(sites))
-        record["elapsed_s"] = round(time.perf_counter() - started, 3)
+        record = round_record(
+            r, elapsed_s=time.perf_counter() - started,
+            train_loss={s.name: train_loss[s.name] for s in sites}, test=test, val=val,
+            classification=classification,
+            privacy=ledger.round_record(r, _dp_sgd_epsilon(sites)) if ledger.active else None)
         rundir.log_round(record)
         history.append(record)
         progress.round_finished(r, record)
@@ -214,8 +176,6 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
     rundir.save_model(global_state)
     if ledger.active:
         rundir.write_json("privacy.json", ledger.summary(rounds, _dp_sgd_epsilon(sites)))
-    from fedfair_med.reporting.render import write_reports
-
     write_reports(rundir.staging, age_edges=tuple(config.age_edges))
     return RunResult(path=rundir.path, final=history[-1], history=history,
                      predictions=predictions, state=global_state)

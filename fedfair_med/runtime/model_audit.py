@@ -10,7 +10,7 @@ scores every sample of the chosen split and writes ``predictions.csv``, ``report
 It builds a task and a network, so it lives on the runtime floor, not in reporting. Per-sample
 scoring is the site runtime's own loop (:func:`predict_like_a_round`, ``SiteRunner.predict``), so
 an audit scores a model exactly like the evaluation of a round. The numbers are those of
-:func:`~fedfair_med.reporting.audit.build_report`: group means of the per-sample metric with
+:func:`~fedfair_med.reporting.run_report.build_run_report`: group means of the per-sample metric with
 95 % bootstrap intervals, and the EA / DP / EO gaps.
 """
 
@@ -31,8 +31,9 @@ from torch import nn
 from fedfair_med.config import RunConfig
 from fedfair_med.data.federation import SiteData
 from fedfair_med.data.manifest import SPLITS, ManifestError, load_manifest
-from fedfair_med.reporting.audit import build_report
+from fedfair_med.reporting.run_report import build_run_report
 from fedfair_med.reporting.render import render_html, render_markdown
+from fedfair_med.runtime.setup import RunSetup
 from fedfair_med.runtime.site import SiteRunner
 from fedfair_med.tasks import TASKS, build_task
 from fedfair_med.tasks.base import Task
@@ -83,7 +84,7 @@ def default_out_dir(weights: str | Path, manifest: str | Path) -> Path:
 
 def predict_like_a_round(task: Task, site: SiteData, model: nn.Module) -> pd.DataFrame:
     """Score ``site.test`` with the site runtime's own evaluation loop (SiteRunner.predict)."""
-    runner = SiteRunner(task, site, 0, RunConfig(task=task.name), [site.name],
+    runner = SiteRunner(RunSetup.create(RunConfig(task=task.name), task), site, 0, [site.name],
                         tuple(site.attributes))
     return runner.predict(model, model.state_dict())
 
@@ -311,7 +312,7 @@ def audit_model(
     chosen = _chosen_attributes(attributes, site.attributes, Path(manifest))
 
     predictions = predict(audited_task, site, model)
-    report = build_report(
+    report = build_run_report(
         predictions, kind=audited_task.kind, attributes=chosen,
         primary_metric=audited_task.primary_metric, age_edges=edges,
         min_group_size=min_group_size, n_boot=n_boot, seed=seed,

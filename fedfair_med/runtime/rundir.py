@@ -1,9 +1,12 @@
-"""The run-directory contract every runtime writes, so reports and sweeps read one format.
+"""The run-directory contract: the one module that writes and reads a run's files.
 
-``run.yaml`` (resolved configuration), ``metrics.jsonl`` (one JSON object per round),
-``predictions.csv`` (per test sample; only in simulations — in a federation it stays at each
-site), ``report.json`` / ``report.md`` / ``report.html``, ``model.pt`` (final global weights) and
-``status.json`` (``complete`` once every other file is written).
+``run.yaml`` (configuration, plus the ``resolved`` facts of the run set-up), ``metrics.jsonl``
+(one :func:`round_record` per round, built the same way by every runtime), ``predictions.csv``
+(per test sample; only in simulations — in a federation it stays at each site), ``report.json``
+/ ``report.md`` / ``report.html`` (:func:`write_reports`), ``model.pt`` (final global weights),
+``privacy.json`` / ``federation.json`` when they apply, and ``status.json`` (``complete`` once
+every other file is written). Reports, sweeps and the CLI read them with the ``read_*``
+functions here, so a file's format is known in one place.
 
 A run is written into a hidden sibling (``.NAME.incomplete-PID``) and renamed into place only
 when it is complete, so an interrupted or crashed run never leaves a half-written directory
@@ -19,16 +22,48 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from fedfair_med.config import RunConfig, dump_config
-from fedfair_med.reporting.audit import json_safe
+from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION, TASK_KINDS
+from fedfair_med.fairness.site_summaries import combine_summaries
+from fedfair_med.reporting.render import render_html, render_markdown
+from fedfair_med.reporting.run_report import CORE_COLUMNS, build_run_report, json_safe
 
 STATUS_FILE = "status.json"
+REPORT_FILE = "report.json"
 STAGING_MARK = ".incomplete-"
+
+
+def round_record(round_index: int, *, elapsed_s: float, train_loss: Mapping[str, float],
+                 test: Mapping[str, Any] | None, classification: bool,
+                 val: Mapping[str, Any] | None = None, dropped: Sequence[str] = (),
+                 privacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One line of ``metrics.jsonl``, built the same way by every runtime.
+
+    ``test`` and ``val`` are the sites' evaluation summaries (``site_summary``, what a site may
+    send), combined here into the pooled metric, per-site and per-group tables and the gaps;
+    ``test`` None records the round as not evaluated (readers look for ``metric``).
+    ``dropped``: sites that did not report; ``privacy``: the budget spent so far.
+    """
+    record: dict[str, Any] = {"round": round_index, "elapsed_s": round(elapsed_s, 3),
+                              "train_loss": dict(train_loss)}
+    if test is None:
+        record["evaluated"] = False
+    else:
+        record.update(combine_summaries(test, classification=classification))
+        if val is not None:
+            record["val"] = combine_summaries(val, classification=classification)
+    if dropped:
+        record["dropped"] = sorted(dropped)
+    if privacy is not None:
+        record["privacy"] = dict(privacy)
+    return record
 
 
 class RunExistsError(ValueError):
@@ -189,6 +224,187 @@ class RunDirectory:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+# ---- reading (and the reports made from what was read) ----------------------------------------
+class RunDirectoryError(ValueError):
+    """The run directory is missing, incomplete or unreadable (message fits on one line)."""
+
+
+def read_run_yaml(run_dir: Path) -> dict[str, Any]:
+    """``run.yaml`` as a plain dict ({} when the file is absent) — unlike
+    :func:`fedfair_med.config.load_config`, no :class:`RunConfig` and no validation, so a report
+    renders whatever configuration the run recorded."""
+    path = Path(run_dir) / "run.yaml"
+    if not path.exists():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RunDirectoryError(f"{path} is not valid YAML ({type(err).__name__})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise RunDirectoryError(f"{path} must hold a mapping, not {type(config).__name__}")
+    return config
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round records of ``metrics.jsonl`` ([] when absent); blank lines are skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rounds = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise RunDirectoryError(f"{path}:{number} is not valid JSON") from None
+        if not isinstance(record, dict) or "round" not in record:
+            raise RunDirectoryError(f"{path}:{number} is not a round record (no 'round' key)")
+        rounds.append(record)
+    return sorted(rounds, key=lambda r: r["round"])
+
+
+def read_predictions(run_dir: Path) -> pd.DataFrame | None:
+    """``predictions.csv`` (None when absent). Only empty cells count as missing values."""
+    path = Path(run_dir) / "predictions.csv"
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={"id": str, "site": str}, keep_default_na=False,
+                            na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise RunDirectoryError(f"{path} could not be read as CSV ({type(err).__name__})") from None
+    for column in ("site", "metric"):
+        if column not in frame.columns:
+            raise RunDirectoryError(f"{path} has no {column!r} column")
+    if len(frame) == 0:
+        raise RunDirectoryError(f"{path} has no rows")
+    return frame
+
+
+def _task_field(config: Mapping[str, Any], key: str) -> Any:
+    """A fact about the run: top level, under ``resolved`` (what runtimes write) or ``task``."""
+    if key in config:
+        return config[key]
+    for section in ("resolved", "task"):
+        value = config.get(section)
+        if isinstance(value, Mapping) and key in value:
+            return value[key]
+    return None
+
+
+def infer_kind(config: Mapping[str, Any], predictions: pd.DataFrame) -> str:
+    """``kind`` from run.yaml (top level or under ``task``), else from the predictions.
+
+    The fallback calls a run classification when y_true and y_pred are 0/1 labels and the
+    metric is exactly their agreement (1/0 correctness); per-image Dice is not.
+    """
+    kind = _task_field(config, "kind")
+    if kind in TASK_KINDS:
+        return str(kind)
+    needed = {"y_true", "y_pred", "metric"}
+    if needed <= set(predictions.columns):
+        y_true = pd.to_numeric(predictions["y_true"], errors="coerce")
+        y_pred = pd.to_numeric(predictions["y_pred"], errors="coerce")
+        metric = pd.to_numeric(predictions["metric"], errors="coerce")
+        labels = y_true.isin([0, 1]).all() and y_pred.isin([0, 1]).all()
+        if labels and np.array_equal(metric.to_numpy(), (y_true == y_pred).to_numpy(float)):
+            return CLASSIFICATION
+    return SEGMENTATION
+
+
+def infer_attributes(config: Mapping[str, Any], predictions: pd.DataFrame) -> list[str]:
+    """Sensitive attributes: run.yaml's ``attributes`` list, else every non-core CSV column."""
+    listed = _task_field(config, "attributes")
+    if isinstance(listed, (list, tuple)) and listed:
+        return [str(a) for a in listed]
+    return [c for c in predictions.columns if c not in CORE_COLUMNS]
+
+
+def write_reports(
+    run_dir: Path,
+    *,
+    min_group_size: int = 10,
+    age_edges: Sequence[float] = (60,),
+    n_boot: int = 1000,
+    seed: int = 0,
+    report: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write report.json, report.md and report.html.
+
+    report.json is ``report`` when given (a federation's, built from the sites' summaries), else
+    recomputed from predictions.csv when present, else the one already there (rendered as is).
+
+    Returns {"json": path, "markdown": path, "html": path}. Raises :class:`RunDirectoryError`
+    when ``run_dir`` is not a directory or has neither predictions.csv nor report.json.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunDirectoryError(f"run directory {str(run_dir)!r} does not exist")
+    if not run_dir.is_dir():
+        raise RunDirectoryError(f"{str(run_dir)!r} is not a directory")
+    config = read_run_yaml(run_dir)
+    rounds = read_metrics(run_dir)
+    predictions = read_predictions(run_dir)
+    json_path = run_dir / REPORT_FILE
+    if report is not None:
+        report = write_report(run_dir, report)
+    elif predictions is not None:
+        kind = infer_kind(config, predictions)
+        primary = _task_field(config, "primary_metric") or (
+            "dice" if kind == SEGMENTATION else "accuracy")
+        try:
+            built = build_run_report(
+                predictions, kind=kind, attributes=infer_attributes(config, predictions),
+                primary_metric=str(primary), age_edges=tuple(age_edges),
+                min_group_size=min_group_size, n_boot=n_boot, seed=seed,
+            )
+        except ValueError as err:
+            raise RunDirectoryError(f"{run_dir / 'predictions.csv'}: {err}") from None
+        report = write_report(run_dir, built)
+    elif json_path.exists():
+        report = read_report(run_dir)
+    else:
+        raise RunDirectoryError(
+            f"{str(run_dir)!r} has neither predictions.csv nor report.json; is it a run directory?"
+        )
+    md_path = run_dir / "report.md"
+    html_path = run_dir / "report.html"
+    md_path.write_text(render_markdown(report, config, rounds), encoding="utf-8")
+    html_path.write_text(render_html(report, config, rounds), encoding="utf-8")
+    return {"json": json_path, "markdown": md_path, "html": html_path}
+
+
+def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Any]:
+    """``report.json`` (strict JSON: NaN as null); returns what was written."""
+    content = json_safe(dict(report))
+    (Path(run_dir) / REPORT_FILE).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n",
+                                             encoding="utf-8")
+    return content
+
+
+def read_report(run_dir: Path) -> dict[str, Any]:
+    """``report.json``, checked to be a fedfair-med report (:class:`RunDirectoryError` if not)."""
+    path = Path(run_dir) / REPORT_FILE
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirectoryError(f"{path} does not exist") from None
+    except json.JSONDecodeError:
+        raise RunDirectoryError(f"{path} is not valid JSON") from None
+    if not isinstance(report, dict) or not {"overall", "groups", "gaps"} <= set(report):
+        raise RunDirectoryError(f"{path} is not a fedfair-med report")
+    return report
+
+
+def read_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """``model.pt``: the final global state dict."""
+    return torch.load(Path(run_dir) / "model.pt")
+
+
+def read_json(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """A JSON file the run wrote with :meth:`RunDirectory.write_json` (None when absent)."""
+    path = Path(run_dir) / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

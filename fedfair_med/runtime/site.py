@@ -7,85 +7,38 @@ the same configuration gives the same numbers wherever it runs.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pandas as pd
 import torch
 from torch import nn
 
-from fedfair_med.algorithms.base import (
-    Algorithm, ClientUpdate, LocalSettings, SiteContext, StateDict, load_state, move_batch, to_device,
-)
-from fedfair_med.config import RunConfig
-from fedfair_med.contracts import ClientState
+from fedfair_med.algorithms.base import Algorithm, load_state, move_batch, to_device
+from fedfair_med.contracts import ClientState, ClientUpdate, SiteContext, StateDict
 from fedfair_med.data.federation import GroupedDataset, SiteData, make_loader
 from fedfair_med.data.prefetch import BackgroundBatches, prefetch_enabled
 from fedfair_med.fairness.site_summaries import site_summary
 from fedfair_med.fairness.criteria import Criterion
 from fedfair_med.runtime.device import Placement, apply_determinism, placement
-from fedfair_med.tasks.base import Task
-
-
-def derive_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A configuration with the task's defaults filled in."""
-
-    rounds: int
-    batch_size: int
-    settings: LocalSettings
-
-
-def resolve(config: RunConfig, task: Task) -> Resolved:
-    d = task.defaults
-    settings = LocalSettings(
-        epochs=config.epochs or d.epochs,
-        lr=float(config.lr or d.lr),
-        optimizer=config.optimizer or d.optimizer,
-        momentum=d.momentum if config.momentum is None else config.momentum,
-        max_steps=config.max_steps,
-    )
-    return Resolved(rounds=config.rounds or d.rounds, batch_size=config.batch_size or d.batch_size,
-                    settings=settings)
-
-
-def build_global_model(config: RunConfig, task: Task) -> nn.Module:
-    """The round-0 model: seeded so every runtime starts from the same weights.
-
-    With DP-SGD on, BatchNorm becomes GroupNorm here (or the network is refused), so every site
-    and the server share the architecture Opacus can train.
-    """
-    task.apply_model_options(config.data)  # e.g. extra input planes, also where no data is loaded
-    torch.manual_seed(derive_seed(config.seed, "init"))
-    model = task.build_model(config.network, **config.network_kwargs)
-    if config.privacy.get("dp_sgd"):
-        from fedfair_med.privacy.dpsgd import make_dp_compatible
-
-        model = make_dp_compatible(model)
-    return model
+from fedfair_med.runtime.setup import RunSetup, derive_seed
 
 
 class SiteRunner:
     """One site's training, statistics and evaluation; its data never leaves this object."""
 
-    def __init__(self, task: Task, site: SiteData, site_index: int, config: RunConfig,
+    def __init__(self, setup: RunSetup, site: SiteData, site_index: int,
                  vocabulary: list[str], attributes: tuple[str, ...],
                  device: str | None = None) -> None:
-        """``device`` overrides the configuration's for this site (``collaborator start --device``)."""
-        self.task, self.site, self.site_index, self.config = task, site, site_index, config
+        """``setup`` is the run's, resolved once per process (:mod:`~fedfair_med.runtime.setup`);
+        ``device`` overrides the configuration's for this site (``collaborator start --device``)."""
+        config = setup.config
+        self.task, self.site, self.site_index, self.config = setup.task, site, site_index, config
         #: where this site computes; DeviceUnavailable (one line) when it cannot
         self.placement: Placement = placement(device or config.device, config.precision)
         apply_determinism(config.deterministic)
         self.criterion = Criterion(config.criterion, config.attribute)
-        self.objective = task.objective(self.criterion)
-        self.resolved = resolve(config, task)
+        self.objective = self.task.objective(self.criterion)
+        self.resolved = setup.resolved
         self.num_groups = len(vocabulary)
         self.attributes = attributes
         self.train_set = GroupedDataset(site.train, config.attribute, vocabulary)

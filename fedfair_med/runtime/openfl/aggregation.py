@@ -39,11 +39,8 @@ from openfl.component.aggregator.aggregator import Aggregator
 from openfl.interface.aggregation_functions.core.interface import AggregationFunction
 from openfl.utilities import TensorKey
 
-from fedfair_med.algorithms.base import ClientUpdate, StateDict
-from fedfair_med.fairness.site_summaries import combine_summaries
+from fedfair_med.contracts import CLASSIFICATION, ClientUpdate, StateDict
 from fedfair_med.fairness.bootstrap import BootstrapPrivacy, combine_replicates
-from fedfair_med.privacy.settings import PrivacyLedger
-from fedfair_med.runtime.local import build_run_algorithm
 from fedfair_med.runtime.openfl.spec import FederationSpec, bootstrap_replicates
 from fedfair_med.runtime.openfl.timing import RoundTiming
 from fedfair_med.runtime.openfl.wire import (
@@ -55,12 +52,10 @@ from fedfair_med.runtime.openfl import secure
 from fedfair_med.runtime.openfl.schedule import SECAGG_KEYS, STATISTICS, TRAIN
 from fedfair_med.runtime.openfl.wire import PACKED, unpack_arrays
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
-from fedfair_med.reporting.audit import json_safe
-from fedfair_med.runtime.rundir import RunDirectory
+from fedfair_med.reporting.run_report import build_run_report, json_safe
+from fedfair_med.runtime.rundir import RunDirectory, round_record, write_reports
 from fedfair_med.runtime.malloc_tuning import keep_freed_memory
-from fedfair_med.runtime.site import build_global_model, derive_seed
-from fedfair_med.tasks import build_task
-from fedfair_med.tasks.base import CLASSIFICATION
+from fedfair_med.runtime.setup import RunSetup, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +93,10 @@ class MethodAggregation(AggregationFunction):
         self._privileged = True  # OpenFL passes the whole tensor table, not an iterator
         self.spec = FederationSpec.from_settings(spec)
         self.spec_settings = dict(spec)
-        self.config = self.spec.config()
-        task = build_task(self.config.task)
-        # statistics DP: the server clamps the pooled noisy statistics as the simulation does
-        self.algorithm, _ = build_run_algorithm(self.config, self.spec.schedule.rounds)
-        self.layout = ModelLayout(build_global_model(self.config, task).state_dict())
+        # the simulation's set-up: e.g. the server clamps the pooled noisy statistics the same way
+        self.setup = RunSetup.create(self.spec.config())
+        self.config, self.algorithm = self.setup.config, self.setup.algorithm
+        self.layout = ModelLayout(self.setup.build_model().state_dict())
         self.model_keys = self.layout.names
         self._cache: dict[int, dict[str, np.ndarray]] = {}
 
@@ -214,16 +208,19 @@ class FedFairAggregator(Aggregator):
         self.spec = FederationSpec.from_settings(spec)
         self.spec_settings = dict(spec)
         self._bootstrap: dict[str, Any] | None = None
-        self.config = self.spec.config()
+        self.setup = RunSetup.create(self.spec.config())
+        self.config = self.setup.config
         #: the statistics' privacy budget, reported per round and in privacy.json
-        self.ledger = PrivacyLedger.from_option(self.config.privacy, rounds=self.spec.schedule.rounds,
-                                                seed=self.config.seed)
-        self.classification = build_task(self.config.task).kind == CLASSIFICATION
-        self.layout = ModelLayout(build_global_model(self.config, build_task(self.config.task)).state_dict())
+        self.ledger = self.setup.ledger
+        self.classification = self.setup.task.kind == CLASSIFICATION
+        self.layout = ModelLayout(self.setup.build_model().state_dict())
         self.model_keys = self.layout.names
         # Written beside run_dir and renamed into place when finished; an earlier finished run
-        # there is kept as run.previous-N (see _finish), never overwritten file by file.
-        self.rundir = RunDirectory(Path(run_dir), self.config, force=True)
+        # there is kept as run.previous-N (see _finish), never overwritten file by file. The
+        # resolved facts are the simulation's; the device is the plan's setting (each site
+        # records where it computed in its own device.json).
+        self.rundir = RunDirectory(Path(run_dir), self.config, force=True, **self.setup.facts(
+            sites=self.spec.sites, attributes=self.spec.attributes, device=self.config.device))
         self.finished = False
         self.failure: str | None = None
         self._last_record: dict[str, Any] | None = None
@@ -336,18 +333,15 @@ class FedFairAggregator(Aggregator):
                                           self.spec.vocabularies) for s in done}
         if evaluated == schedule.rounds:
             self._bootstrap = self._combine_bootstrap(rows, done)
-        record: dict[str, Any] = {
-            "round": evaluated,
-            "elapsed_s": round(time.perf_counter() - self._started, 3),
-            "train_loss": self._train.get(evaluated, {}),
-            **combine_summaries(summaries, classification=self.classification),
-        }
         dropped = sorted(set(self.dropped.get(evaluated, [])) | set(missing))
         if dropped:
-            record["dropped"] = dropped
             self.dropped[evaluated] = dropped
-        if self.ledger.statistics is not None:  # the budget spent so far (DP-SGD is per site)
-            record["privacy"] = self.ledger.round_record(evaluated, {})
+        record = round_record(
+            evaluated, elapsed_s=time.perf_counter() - self._started,
+            train_loss=self._train.get(evaluated, {}), test=summaries,
+            classification=self.classification, dropped=dropped,
+            # the budget spent so far (DP-SGD is accounted per site)
+            privacy=self.ledger.round_record(evaluated, {}) if self.ledger.statistics is not None else None)
         self.rundir.log_round(record)
         self._records.append(json_safe(record))
         self._last_record = record
@@ -378,14 +372,12 @@ class FedFairAggregator(Aggregator):
             "dropped": {str(r): s for r, s in sorted(self.dropped.items())},
             "openfl_rounds": self.rounds_to_train,
         })
-        if self._last_record is not None:
-            self.rundir.write_json("report.json", federated_report(self._last_record, self.config,
-                                                                   self.spec.sites,
-                                                                   bootstrap=self._bootstrap))
+        task = self.setup.task  # predictions stayed at the sites: their summaries and tables
+        report = None if self._last_record is None else build_run_report(
+            kind=task.kind, primary_metric=task.primary_metric, final_round=self._last_record,
+            bootstrap=self._bootstrap, sites=self.spec.sites)
         try:
-            from fedfair_med.reporting.render import write_reports
-
-            write_reports(self.rundir.staging)
+            write_reports(self.rundir.staging, report=report)
         except Exception as err:  # a report failure must not lose the finished run
             logger.warning("could not write the report: %s", err)
         had_run = self.rundir.path.exists()
@@ -446,63 +438,3 @@ class FedFairAggregator(Aggregator):
         self._last_record = self._records[-1] if self._records else None
         self._started -= float(state.get("elapsed_s", 0.0))
         logger.info("resuming at OpenFL round %d", self.round_number)
-
-
-def federated_report(record: Mapping[str, Any], config: Any, sites: list[str],
-                     min_group_size: int = 10, bootstrap: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``report.json`` from the final round's combined summaries.
-
-    Same keys as the simulation's report. The 95 % intervals (``ci95``, and ``gaps_ci95`` for the
-    gaps) come from the sites' Poisson-bootstrap tables (:mod:`fedfair_med.fairness.bootstrap`);
-    without them (``bootstrap`` None) they are null.
-    """
-    task = build_task(config.task)
-    boot = bootstrap or {}
-    none = [None, None]
-
-    def ci(attribute: str, group: str) -> list:
-        if attribute == "site" and group in boot.get("sites", {}):
-            return list(boot["sites"][group])
-        return list(boot.get("groups", {}).get(attribute, {}).get(group, none))
-
-    groups = [{"attribute": "site", "group": s, "n": v["n"], "metric": v["metric"], "ci95": ci("site", s),
-               "small": v["n"] < min_group_size} for s, v in record["sites"].items()]
-    for attribute, table in record["groups"].items():
-        if attribute == "site":
-            continue
-        for group, v in table.items():
-            groups.append({"attribute": attribute, "group": group, "n": v["n"], "metric": v["metric"],
-                           "ci95": ci(attribute, group), "small": v["n"] < min_group_size})
-    if bootstrap is None:
-        warnings = ["federated run: metrics come from per-site aggregate summaries; no bootstrap "
-                    "confidence intervals (no site sent its Poisson-bootstrap tables)"]
-    else:
-        warnings = [f"federated run: confidence intervals from a Poisson bootstrap ({boot['replicates']} "
-                    "replicates) whose weighted sums each site computed from its own predictions"]
-        if boot.get("privacy"):
-            warnings.append(f"the bootstrap tables are differentially private (epsilon "
-                            f"{boot['privacy']['epsilon']:.3g}, delta {boot['privacy']['delta']:.3g}); "
-                            "their noise widens every interval")
-    warnings += [f"{g['attribute']}={g['group']} has only {g['n']} samples (< {min_group_size})"
-                 for g in groups if g["small"]]
-    if record.get("dropped"):
-        warnings.append(f"site(s) {', '.join(record['dropped'])} dropped out of the final round")
-    settings: dict[str, Any] = {"sites": sites, "min_group_size": min_group_size, "source": "openfl"}
-    if bootstrap is not None:
-        settings.update(n_boot=boot["replicates"], seed=boot.get("seed"), ci_level=boot["level"],
-                        ci_method="poisson bootstrap, summed over sites")
-        if boot.get("privacy"):
-            settings["bootstrap_privacy"] = dict(boot["privacy"])
-    return json_safe({
-        "primary_metric": task.primary_metric,
-        "kind": task.kind,
-        "overall": {"n": record["n"], "metric": record["metric"], "ci95": list(boot.get("overall", none))},
-        "groups": groups,
-        "gaps": record["gaps"],
-        "gaps_ci95": {k: list(boot.get("gaps", {}).get(k, none)) for k in record["gaps"]},
-        "definitions": {},
-        "warnings": warnings,
-        "settings": settings,
-    })
-
-

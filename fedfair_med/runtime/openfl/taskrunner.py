@@ -35,7 +35,6 @@ from openfl.component.collaborator.collaborator import Collaborator
 from openfl.federated.task.runner import TaskRunner
 from openfl.utilities import TensorKey
 
-from fedfair_med.runtime.local import build_run_algorithm
 from fedfair_med.runtime.openfl.schedule import EVALUATE, STATISTICS, TRAIN
 from fedfair_med.runtime.openfl.spec import FederationSpec, bootstrap_replicates
 from fedfair_med.runtime.openfl.timing import RoundTiming
@@ -47,22 +46,21 @@ from fedfair_med.runtime.openfl.wire import (
 from fedfair_med.runtime.openfl import secure
 from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_public_keys
 from fedfair_med.runtime.malloc_tuning import keep_freed_memory
-from fedfair_med.runtime.site import SiteRunner, build_global_model
-from fedfair_med.tasks import build_task
+from fedfair_med.runtime.setup import RunSetup
+from fedfair_med.runtime.site import SiteRunner
 
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_TASKS = ("synthetic-seg", "synthetic-cls")
 
 
-def load_site(spec: FederationSpec, site: str, manifest: str | Path | None = None,
+def load_site(setup: RunSetup, spec: FederationSpec, site: str, manifest: str | Path | None = None,
               device: str | None = None) -> SiteRunner:
     """This hospital's SiteRunner: its site of the seeded synthetic federation, or its manifest.
 
     ``device`` (``collaborator start --device``) overrides the plan's: each hospital has its own
     hardware."""
-    config = spec.config()
-    task = build_task(config.task)
+    config, task = setup.config, setup.task
     if site not in spec.sites:
         raise ValueError(f"site {site!r} is not in this federation's plan (sites: {spec.sites})")
     index = spec.sites.index(site)
@@ -79,7 +77,7 @@ def load_site(spec: FederationSpec, site: str, manifest: str | Path | None = Non
         options = {k: v for k, v in config.data.items() if k != "manifests"}
         federation = task.load_federation(seed=config.seed, manifests=[str(manifest)], **options)
         data = federation.sites[0]
-    return SiteRunner(task, data, index, config, spec.group_vocabulary, tuple(spec.attributes),
+    return SiteRunner(setup, data, index, spec.group_vocabulary, tuple(spec.attributes),
                       device=device)
 
 
@@ -94,11 +92,11 @@ class SiteTaskRunner(TaskRunner):
         keep_freed_memory()
         self.spec = FederationSpec.from_settings(spec)
         self.spec_settings = dict(spec)
-        self.config = self.spec.config()
-        self.site_runner = load_site(self.spec, site, manifest, device=device)
-        # statistics DP: this site noises what it sends exactly as the simulation does
-        self.algorithm, _ = build_run_algorithm(self.config, self.spec.schedule.rounds)
-        self.model = build_global_model(self.config, self.site_runner.task)
+        # the simulation's set-up: e.g. this site noises its statistics exactly as there
+        self.setup = RunSetup.create(self.spec.config())
+        self.config, self.algorithm = self.setup.config, self.setup.algorithm
+        self.site_runner = load_site(self.setup, self.spec, site, manifest, device=device)
+        self.model = self.setup.build_model()
         self.layout = ModelLayout(self.model.state_dict())
         self.model_keys = self.layout.names
         self.out_dir = Path(out_dir)

@@ -32,14 +32,12 @@ from typing import Any, Mapping, Sequence
 import jinja2
 import yaml
 
-from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.config import ConfigError, RunConfig, config_from_mapping
-from fedfair_med.data.federation import age_band
-from fedfair_med.runtime.local import method_params
+from fedfair_med.contracts import age_band
 from fedfair_med.runtime.openfl.schedule import EVALUATE, STATISTICS, TRAIN, Schedule
 from fedfair_med.runtime.openfl.wire import LosslessPipeline, pack_state
 from fedfair_med.runtime.openfl.schedule import SECAGG_KEYS, SECAGG_UNMASK
-from fedfair_med.runtime.site import build_global_model, resolve
+from fedfair_med.runtime.setup import RunSetup
 from fedfair_med.tasks import build_task
 
 PLAN_DIR = Path(str(resources.files("fedfair_med.plans")))  # the repository's plans/ folder
@@ -177,11 +175,9 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
                                   "secure aggregation reveals only sums over all sites")
         if len(sites) < 2:
             raise FederationError("--secure-aggregation needs at least two sites")
-    task_obj = build_task(config.task)
-    rounds = resolve(config, task_obj).rounds
-    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
-    model = build_global_model(config, task_obj)
-    state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    setup = RunSetup.create(config)  # what the aggregator and every collaborator will build
+    rounds, algorithm = setup.rounds, setup.algorithm
+    state0 = {k: v.detach().clone() for k, v in setup.build_model().state_dict().items()}
     server0 = algorithm.init_server_state(state0, sites)
     statistics = any(algorithm.wants_statistics(r, server0) for r in range(1, rounds + 1))
     schedule = Schedule(rounds, statistics)
@@ -213,13 +209,10 @@ def write_initial_model(rendered: RenderedPlan, path: Path) -> None:
 
     from fedfair_med.runtime.openfl.wire import MODEL_BLOB, SERVER_STATE, ModelLayout
 
-    config = rendered.config
-    task = build_task(config.task)
-    model = build_global_model(config, task)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    algorithm = build_algorithm(config.method, **method_params(config, REGISTRY[config.method]))
+    setup = RunSetup.create(rendered.config)
+    state = {k: v.detach().clone() for k, v in setup.build_model().state_dict().items()}
     tensors = {MODEL_BLOB: ModelLayout(state).pack(state)}
-    tensors[SERVER_STATE] = pack_state(algorithm.init_server_state(state, list(rendered.spec["sites"])))
+    tensors[SERVER_STATE] = pack_state(setup.algorithm.init_server_state(state, list(rendered.spec["sites"])))
     proto = utils.construct_model_proto(tensors, 0, LosslessPipeline())
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.dump_proto(proto, str(path))

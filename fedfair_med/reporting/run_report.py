@@ -1,9 +1,12 @@
-"""The fairness audit of one run: per-group metrics with CIs, fairness gaps and warnings.
+"""The report of one run (``report.json``): per-group metrics with CIs, fairness gaps, warnings.
 
-:func:`build_report` turns the per-sample ``predictions.csv`` of a run (one row per test image:
-id, site, sensitive attributes, y_true, score, y_pred, metric) into the JSON-ready dict stored as
-``report.json``. Every number in it is a sample mean, so the report can be recomputed by anyone
-holding the predictions; NaN is written as ``null`` so the file is strict JSON.
+:func:`build_run_report` is the one builder, whichever runtime made the run. Where the per-sample
+predictions may be pooled (a simulation's ``predictions.csv``, one row per test image: id, site,
+sensitive attributes, y_true, score, y_pred, metric; or a model audit at one site) it computes
+every number from them; in a federation, where predictions stay at the sites, it takes the final
+round's combined site summaries and the sites' Poisson-bootstrap tables instead. Both give the
+same keys. Every number is a sample mean, so the report can be recomputed by anyone holding the
+predictions; NaN is written as ``null`` so the file is strict JSON.
 
 Groups are sites, every sensitive attribute (a numeric ``age`` column is banded into
 ``age_band``, never grouped raw) and, optionally, each pair of attributes ("sex×age_band").
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,7 +37,7 @@ from fedfair_med.fairness.metrics import (
 )
 from fedfair_med.fairness.tables import age_bands, bootstrap_ci, group_table, intersect
 
-__all__ = ["build_report", "CORE_COLUMNS", "INTERSECTION_SEPARATOR", "gap_definition"]
+__all__ = ["build_run_report", "CORE_COLUMNS", "INTERSECTION_SEPARATOR", "gap_definition"]
 
 #: Columns of predictions.csv that are not sensitive attributes.
 CORE_COLUMNS = ("id", "site", "y_true", "score", "y_pred", "metric")
@@ -193,20 +196,26 @@ def _gap_cis(gaps: dict[str, float], metric: np.ndarray, sites: list[str],
     return cis
 
 
-def build_report(
-    predictions: pd.DataFrame,
+def build_run_report(
+    predictions: pd.DataFrame | None = None,
     *,
     kind: str,
-    attributes: Sequence[str],
     primary_metric: str,
+    attributes: Sequence[str] = (),
     age_edges: Sequence[float] = (60,),
     intersections: bool = True,
     min_group_size: int = 10,
     n_boot: int = 1000,
     seed: int = 0,
     attribute_gaps: bool = False,
+    final_round: Mapping[str, Any] | None = None,
+    bootstrap: Mapping[str, Any] | None = None,
+    sites: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The ``report.json`` content for one run's per-sample predictions.
+    """The ``report.json`` content of one run, from ``predictions`` or, in a federation, from
+    ``final_round`` (the last ``metrics.jsonl`` record: the sites' combined summaries) and
+    ``bootstrap`` (:func:`~fedfair_med.fairness.bootstrap.combine_replicates` of the sites'
+    Poisson-bootstrap tables; None: no intervals) and ``sites`` (the federation's, dropped or not).
 
     Returns ``{"primary_metric", "kind", "overall": {n, metric, ci95}, "groups": [...],
     "gaps": {...}, "gaps_ci95": {gap: [low, high]}, "definitions": {...}, "warnings": [...],
@@ -225,6 +234,10 @@ def build_report(
     """
     if kind not in TASK_KINDS:
         raise ValueError(f"kind must be one of {TASK_KINDS}, got {kind!r}")
+    if predictions is None and final_round is not None:
+        return _from_summaries(final_round, kind=kind, primary_metric=primary_metric,
+                               min_group_size=min_group_size, bootstrap=bootstrap,
+                               sites=list(final_round["sites"]) if sites is None else list(sites))
     if not isinstance(predictions, pd.DataFrame):
         raise ValueError("predictions must be a pandas DataFrame")
     if len(predictions) == 0:
@@ -278,12 +291,7 @@ def build_report(
         for (a, la), (b, lb) in itertools.combinations(grouping.items(), 2):
             groups.extend(table_rows(f"{a}{INTERSECTION_SEPARATOR}{b}", intersect(la, lb)))
 
-    for row in groups:
-        if row["small"]:
-            warnings.append(
-                f"{row['attribute']}={row['group']} has only {row['n']} samples"
-                f" (< {min_group_size}); its metric and CI are unreliable"
-            )
+    warnings.extend(_small_group_warnings(groups, min_group_size))
 
     gaps: dict[str, float] = {"ea": equal_accuracy_gap(metric, sensitive_features=sites)}
     if attribute_gaps:
@@ -316,27 +324,85 @@ def build_report(
     if kind == CLASSIFICATION:
         overall["auc"] = roc_auc(y_true, score)
         overall["ece"] = expected_calibration_error(y_true, score)
-    report = {
+    settings = {
+        "attributes": list(grouping),
+        "age_edges": [float(e) for e in age_edges],
+        "min_group_size": int(min_group_size),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "ci_level": 0.95,
+    }
+    extra = {"decision_gaps": decision_gaps} if kind == CLASSIFICATION else {}
+    return _report(kind, primary_metric, overall, groups, gaps, cis, warnings, settings, **extra)
+
+
+def _report(kind: str, primary_metric: str, overall: Mapping[str, Any], groups: list[dict],
+            gaps: Mapping[str, Any], gaps_ci95: Mapping[str, Any], warnings: list[str],
+            settings: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The one shape of ``report.json``, JSON-safe, whatever the report was computed from."""
+    return json_safe({
         "primary_metric": primary_metric,
         "kind": kind,
-        "overall": overall,
+        "overall": dict(overall),
         "groups": groups,
-        "gaps": gaps,
-        "gaps_ci95": cis,
+        "gaps": dict(gaps),
+        "gaps_ci95": dict(gaps_ci95),
         "definitions": {name: gap_definition(name, primary_metric) for name in gaps},
         "warnings": warnings,
-        "settings": {
-            "attributes": list(grouping),
-            "age_edges": [float(e) for e in age_edges],
-            "min_group_size": int(min_group_size),
-            "n_boot": int(n_boot),
-            "seed": int(seed),
-            "ci_level": 0.95,
-        },
-    }
-    if kind == CLASSIFICATION:
-        report["decision_gaps"] = decision_gaps
-    return json_safe(report)
+        "settings": dict(settings),
+        **extra,
+    })
+
+
+def _small_group_warnings(groups: Sequence[Mapping[str, Any]], min_group_size: int) -> list[str]:
+    return [f"{g['attribute']}={g['group']} has only {g['n']} samples (< {min_group_size}); "
+            "its metric and CI are unreliable" for g in groups if g["small"]]
+
+
+def _from_summaries(record: Mapping[str, Any], *, kind: str, primary_metric: str,
+                    min_group_size: int, bootstrap: Mapping[str, Any] | None,
+                    sites: list[str]) -> dict[str, Any]:
+    """A federated run's report: group means from the final round's combined site summaries,
+    95 % intervals (``ci95``, ``gaps_ci95``) from the sites' Poisson-bootstrap tables
+    (:mod:`fedfair_med.fairness.bootstrap`), null without them."""
+    boot = bootstrap or {}
+    none = [None, None]
+
+    def ci(attribute: str, group: str) -> list:
+        if attribute == "site" and group in boot.get("sites", {}):
+            return list(boot["sites"][group])
+        return list(boot.get("groups", {}).get(attribute, {}).get(group, none))
+
+    def row(attribute: str, group: str, v: Mapping[str, Any]) -> dict[str, Any]:
+        return {"attribute": attribute, "group": group, "n": v["n"], "metric": v["metric"],
+                "ci95": ci(attribute, group), "small": v["n"] < min_group_size}
+
+    groups = [row("site", s, v) for s, v in record["sites"].items()]
+    groups += [row(attribute, group, v) for attribute, table in record["groups"].items()
+               if attribute != "site" for group, v in table.items()]
+    if bootstrap is None:
+        warnings = ["federated run: metrics come from per-site aggregate summaries; no bootstrap "
+                    "confidence intervals (no site sent its Poisson-bootstrap tables)"]
+    else:
+        warnings = [f"federated run: confidence intervals from a Poisson bootstrap ({boot['replicates']} "
+                    "replicates) whose weighted sums each site computed from its own predictions"]
+        if boot.get("privacy"):
+            warnings.append(f"the bootstrap tables are differentially private (epsilon "
+                            f"{boot['privacy']['epsilon']:.3g}, delta {boot['privacy']['delta']:.3g}); "
+                            "their noise widens every interval")
+    warnings += _small_group_warnings(groups, min_group_size)
+    if record.get("dropped"):
+        warnings.append(f"site(s) {', '.join(record['dropped'])} dropped out of the final round")
+    settings: dict[str, Any] = {"sites": sites, "min_group_size": min_group_size,
+                                "source": "openfl"}
+    if bootstrap is not None:
+        settings.update(n_boot=boot["replicates"], seed=boot.get("seed"), ci_level=boot["level"],
+                        ci_method="poisson bootstrap, summed over sites")
+        if boot.get("privacy"):
+            settings["bootstrap_privacy"] = dict(boot["privacy"])
+    overall = {"n": record["n"], "metric": record["metric"], "ci95": list(boot.get("overall", none))}
+    gaps_ci95 = {k: list(boot.get("gaps", {}).get(k, none)) for k in record["gaps"]}
+    return _report(kind, primary_metric, overall, groups, record["gaps"], gaps_ci95, warnings, settings)
 
 
 #: What ``decision_gaps`` measure, for the reports.
