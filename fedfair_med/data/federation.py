@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedfair_med.contracts import MISSING, age_band  # noqa: F401 (age_band: old importers)
+from fedfair_med.contracts import MISSING
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedfair_med.contracts import CLASSIFICATION, SEGMENTATION, Objective  # noqa: F401 (CLASSIFICATION: old importers)
+from fedfair_med.contracts import SEGMENTATION, Objective
 from fedfair_med.fairness.criteria import Criterion
 
 
