@@ -124,9 +124,9 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
     setup = RunSetup.create(config)
     task, algorithm, ledger, rounds = setup.task, setup.algorithm, setup.ledger, setup.rounds
     sites = build_sites(setup)
-    rundir = RunDirectory(out_dir, config, force=force, **setup.facts(
-        sites=[s.name for s in sites], attributes=sites[0].attributes,
-        device=str(sites[0].placement.device), precision=sites[0].placement.precision))
+    rundir = setup.run_directory(
+        out_dir, sites=[s.name for s in sites], attributes=sites[0].attributes,
+        device=str(sites[0].placement.device), precision=sites[0].placement.precision, force=force)
     made(rundir)
     warn_if_penalty_is_normalised_away(config, setup.resolved.settings.optimizer)
     model = setup.build_model()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from fedfair_med.algorithms import REGISTRY, build_algorithm
 from fedfair_med.algorithms.base import Algorithm, LocalSettings
 from fedfair_med.config import RunConfig, normalise_precision
 from fedfair_med.privacy.settings import PrivacyLedger
+from fedfair_med.runtime.rundir import RunDirectory
 from fedfair_med.tasks import build_task
 from fedfair_med.tasks.base import Task
 
@@ -121,6 +123,12 @@ class RunSetup:
     def build_model(self) -> nn.Module:
         """A fresh round-0 model (seeded: the same weights every call, in every process)."""
         return build_global_model(self.config, self.task)
+
+    def run_directory(self, path: Path, *, sites: Sequence[str], attributes: Sequence[str],
+                      device: str, precision: str | None = None, force: bool = False) -> RunDirectory:
+        """The run's (staging) directory, its ``run.yaml`` holding this set-up's resolved facts."""
+        return RunDirectory(path, self.config, force=force, **self.facts(
+            sites=sites, attributes=attributes, device=device, precision=precision))
 
     def facts(self, *, sites: Sequence[str], attributes: Sequence[str], device: str,
               precision: str | None = None) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from fedfair_med.runtime.openfl.schedule import SECAGG_KEYS, STATISTICS, TRAIN
 from fedfair_med.runtime.openfl.wire import PACKED, unpack_arrays
 from fedfair_med.runtime.openfl.secure import PSEUDO_SITE, PUBLIC_KEY_PREFIX, split_public_keys, summed_update
 from fedfair_med.reporting.run_report import build_run_report, json_safe
-from fedfair_med.runtime.rundir import RunDirectory, round_record, write_reports
+from fedfair_med.runtime.rundir import round_record, write_reports
 from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 from fedfair_med.runtime.setup import RunSetup, derive_seed
 
@@ -219,8 +219,9 @@ class FedFairAggregator(Aggregator):
         # there is kept as run.previous-N (see _finish), never overwritten file by file. The
         # resolved facts are the simulation's; the device is the plan's setting (each site
         # records where it computed in its own device.json).
-        self.rundir = RunDirectory(Path(run_dir), self.config, force=True, **self.setup.facts(
-            sites=self.spec.sites, attributes=self.spec.attributes, device=self.config.device))
+        self.rundir = self.setup.run_directory(Path(run_dir), sites=self.spec.sites,
+                                               attributes=self.spec.attributes,
+                                               device=self.config.device, force=True)
         self.finished = False
         self.failure: str | None = None
         self._last_record: dict[str, Any] | None = None
