@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from fedfair_med.experiments.plan import (
     HOLDOUT_FILE,
@@ -45,6 +44,7 @@ from fedfair_med.experiments.plan import (
     point_name,
     split_holdout_point,
 )
+from fedfair_med.runtime.rundir import read_metrics, read_run_yaml
 
 __all__ = ["HOLDOUT_DIR", "audit_fold", "fold_rows", "holdout_markdown", "holdout_tables",
            "missing_folds", "write_holdout_outputs"]
@@ -64,7 +64,7 @@ def audit_fold(run_dir: str | Path, manifest: str | Path,
 
     run_dir = Path(run_dir)
     settings = read_run_settings(run_dir / "run.yaml")
-    resolved = (yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("resolved") or {}
+    resolved = read_run_yaml(run_dir).get("resolved") or {}
     training = [str(s) for s in resolved.get("sites") or []]
     result = audit_model(
         task=str(settings["task"]), weights=run_dir / "model.pt", manifest=manifest,
@@ -98,10 +98,10 @@ def _number(value: Any) -> float:
 
 def _last_metric(path: Path) -> float:
     """The pooled test metric of the training sites at the last round (metrics.jsonl)."""
-    lines = [line for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if not lines:
+    records = read_metrics(path)
+    if not records:
         raise SweepError(f"{path}: metrics.jsonl has no rounds")
-    return _number(json.loads(lines[-1]).get("metric"))
+    return _number(records[-1].get("metric"))
 
 
 def fold_rows(sweep: Sweep, folder: str | Path, summaries: bool = False) -> pd.DataFrame:

@@ -59,7 +59,7 @@ from fedfair_med.experiments.plan import (
     is_finished,
     split_holdout_point,
 )
-from fedfair_med.runtime.rundir import read_metrics
+from fedfair_med.runtime.rundir import read_metrics, read_run_yaml
 
 SUMMARY_FILES = ("run.yaml", "metrics.jsonl", "report.json")
 SWEEP_FILE = "sweep.yaml"
@@ -173,7 +173,7 @@ def load_study(path: Path) -> Study:
         for run_dir in sorted((path / str(label)).glob("*/seed-*")):
             if run_dir.name.endswith(".partial") or not has_summary(run_dir):
                 continue
-            config = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
+            config = read_run_yaml(run_dir)
             params = {k: (config.get("method_params") or {}).get(k) for k in grid}
             kind = (config.get("resolved") or {}).get("kind", kind)
             fold = split_holdout_point(run_dir.parent.name)[0]
