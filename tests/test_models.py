@@ -164,3 +164,14 @@ def test_resnet18_without_batch_norm_keeps_no_batch_statistics(norm: str) -> Non
 def test_an_unknown_norm_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="norm must be one of batch, group, instance"):
         build_network("resnet18", in_channels=3, out_channels=2, norm="layer")
+
+
+def test_resnet18_stem_stride_two_quarters_the_first_stage() -> None:
+    maps = {}
+    for stride in (1, 2):
+        model = build_network("resnet18", in_channels=3, out_channels=2, stem_stride=stride)
+        model.layer1.register_forward_hook(lambda _m, _i, out, s=stride: maps.__setitem__(s, out.shape[-2:]))
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    assert tuple(maps[1]) == (32, 32) and tuple(maps[2]) == (16, 16)
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+        build_network("resnet18", in_channels=3, out_channels=2, stem_stride=4)
