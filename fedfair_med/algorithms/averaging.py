@@ -11,14 +11,20 @@ subclasses :class:`CollectingAggregation` when its step needs the whole round fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping, Protocol
 
 import torch
 
 from fedfair_med.contracts import ClientUpdate, StateDict
 
-if TYPE_CHECKING:  # only for annotations: the algorithm module imports this one
-    from fedfair_med.algorithms.base import Algorithm
+class ServerHooks(Protocol):
+    """What an aggregation asks of its method (an :class:`~fedfair_med.algorithms.base.Algorithm`
+    satisfies it); named here so this module needs nothing from the module that imports it."""
+
+    def site_weight(self, site: str, update: ClientUpdate, server_state: StateDict) -> float: ...
+
+    def update_server_state(self, server_state: StateDict, updates: Mapping[str, ClientUpdate],
+                            weights: Mapping[str, float]) -> StateDict: ...
 
 
 #: Elements per block when a tensor is widened to float64 and added into an accumulator: one
@@ -146,7 +152,7 @@ class Aggregation:
     :meth:`next_server_state`) or collect first (:class:`CollectingAggregation`).
     """
 
-    def __init__(self, algorithm: "Algorithm", global_state: StateDict, server_state: StateDict,
+    def __init__(self, algorithm: ServerHooks, global_state: StateDict, server_state: StateDict,
                  weights: Mapping[str, float] | None = None) -> None:
         self.algorithm = algorithm
         self.global_state = global_state
@@ -220,7 +226,7 @@ class CollectingAggregation(Aggregation):
     The server holds one model per site until the round ends; a method that can stream should.
     """
 
-    def __init__(self, algorithm: "Algorithm", global_state: StateDict, server_state: StateDict) -> None:
+    def __init__(self, algorithm: ServerHooks, global_state: StateDict, server_state: StateDict) -> None:
         super().__init__(algorithm, global_state, server_state)
         self.updates: dict[str, ClientUpdate] = {}
 

@@ -136,6 +136,8 @@ class ScaffoldAggregation(Aggregation):
     float64 sums per parameter, not two tensors per site. Buffers take FedAvg's average.
     """
 
+    algorithm: "Scaffold"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.moved: dict[str, torch.Tensor] = {}  # Σ n_i (y_i − x), flat float64
