@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from fedfair_med.algorithms import REGISTRY, build_algorithm
-from fedfair_med.algorithms.base import Algorithm, LocalSettings
+from fedfair_med.algorithms.base import Algorithm
 from fedfair_med.config import RunConfig, normalise_precision
+from fedfair_med.contracts import LocalSettings
 from fedfair_med.privacy.settings import PrivacyLedger
 from fedfair_med.runtime.rundir import RunDirectory
 from fedfair_med.tasks import build_task
