@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
 
 
 def register_results(app: typer.Typer) -> None:
-    """Attach the ``results`` command group (collect, render) to ``app``."""
+    """Attach the ``results`` command group (collect, collect-run, render) to ``app``."""
     results_app = typer.Typer(help="Committed run summaries and the results page made from them.",
                               no_args_is_help=True)
 
@@ -168,6 +168,30 @@ def register_results(app: typer.Typer) -> None:
         except SweepError as err:
             _fail(str(err))
         typer.echo(f"{len(written)} run summaries in {into}")
+
+    @results_app.command("collect-run")
+    def collect_run(
+        run_dir: Path = typer.Argument(..., help="One run: runs/recipes/NAME, or its staging folder "
+                                                 "runs/recipes/.NAME.incomplete-PID while it runs."),
+        into: Optional[Path] = typer.Option(
+            None, "--into", help="Summary folder (default: results/recipes/NAME)."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Let an incomplete run replace a complete run's summary."),
+    ) -> None:
+        """Copy one run's summary (run.yaml, metrics.jsonl, report.json when complete) and a
+        status.json saying complete or incomplete (rounds done of planned)."""
+        from fedfair_med.experiments.recipes import RECIPES_FOLDER, RecipeError, recipe_name
+        from fedfair_med.experiments.recipes import collect_run as collect_one
+
+        target = into or Path("results") / RECIPES_FOLDER / recipe_name(run_dir)
+        try:
+            status = collect_one(run_dir, target, force=force)
+        except (RecipeError, OSError) as err:
+            _fail(str(err))
+        state = status["status"]
+        if state != "complete":
+            state += f": {status['rounds_done']} of {status['rounds_planned']} rounds"
+        typer.echo(f"{target}: {state}")
 
     @results_app.command("render")
     def render(

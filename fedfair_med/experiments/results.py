@@ -350,7 +350,8 @@ def quality_lines(study: Study, chosen: pd.DataFrame, gap: str) -> list[str]:
 
 def render_section(root: Path, plots: Path | None = None, plots_link: str | None = None,
                    k: int = TOP_K) -> str:
-    """The whole generated block (markers included) for every study under ``root``.
+    """The whole generated block (markers included): every study under ``root``, then the
+    recipe runs under ``root/recipes`` (:mod:`fedfair_med.experiments.recipes`).
 
     With ``plots``, each study's Pareto plot is (re)written there as ``<study>-pareto.png`` and
     linked as ``plots_link/<study>-pareto.png``; the text does not depend on the images.
@@ -397,6 +398,11 @@ def render_section(root: Path, plots: Path | None = None, plots_link: str | None
         where = (Path(root.resolve().name) / study.path.resolve().relative_to(root.resolve())).as_posix()
         parts.append(study_markdown(study, link if study.sweep.runs else None, k, where).rstrip())
         parts.append("")
+    from fedfair_med.experiments.recipes import RECIPES_FOLDER, recipes_markdown
+
+    parts.append(recipes_markdown(root / RECIPES_FOLDER, plots, plots_link,
+                                  where=f"{root.resolve().name}/{RECIPES_FOLDER}").rstrip())
+    parts.append("")
     parts.append(END)
     return "\n".join(parts) + "\n"
 
