@@ -30,7 +30,7 @@ from fedfair_med.fairness.bootstrap import DEFAULT_REPLICATES, poisson_bootstrap
 from fedfair_med.runtime.local import run_simulation
 from fedfair_med.runtime.openfl.schedule import EVALUATE, STATISTICS, TRAIN, Schedule
 from fedfair_med.runtime.openfl.wire import (
-    LosslessPipeline, pack_state, summary_to_tables, tables_to_summary, unpack_state,
+    SUMMARY_FIELDS, LosslessPipeline, pack_state, summary_to_tables, tables_to_summary, unpack_state,
 )
 from fedfair_med.runtime.openfl.workspace import available_methods, render_plan
 from fedfair_med.runtime.rundir import read_metrics
@@ -200,7 +200,7 @@ def assert_wire_is_clean(wire_log: Path, ws: Path) -> None:
         elif e["name"] == "__server_state__":
             assert e["shape"] == [0], e
         elif e["name"].startswith("summary/"):
-            assert e["task"] == EVALUATE and e["shape"][-1] == 5 and len(e["shape"]) <= 2, e
+            assert e["task"] == EVALUATE and e["shape"][-1] == len(SUMMARY_FIELDS) and len(e["shape"]) <= 2, e
         elif e["name"].startswith("bootstrap/"):  # B replicates of fixed-size tables, once
             assert e["task"] == EVALUATE and e["round"] == final_round, e
             assert e["shape"][0] == DEFAULT_REPLICATES and e["shape"][-1] == 5 and len(e["shape"]) <= 3, e
@@ -258,8 +258,8 @@ def test_wire_codec_is_lossless_and_summaries_round_trip() -> None:
         assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)
     state = {"c": torch.tensor([0.25, 0.5], dtype=torch.float64)}
     assert torch.equal(unpack_state(pack_state(state))["c"], state["c"])
-    summary = {"overall": {"n": 3, "metric": 1.5, "score": 0.7, "n_pos": 1, "score_pos": 0.2},
-               "groups": {"sex": {"male": {"n": 3, "metric": 1.5, "score": 0.7, "n_pos": 1, "score_pos": 0.2}}}}
+    row = {"n": 3, "metric": 1.5, "score": 0.7, "n_pos": 1, "score_pos": 0.2, "metric_pos": 1.0}
+    summary = {"overall": row, "groups": {"sex": {"male": dict(row)}}}
     vocab = {"sex": ["female", "male"]}
     assert tables_to_summary(summary_to_tables(summary, vocab), vocab) == summary
     with pytest.raises(ValueError, match="vocabulary"):

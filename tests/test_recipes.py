@@ -9,6 +9,7 @@ known answers.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -174,3 +175,31 @@ def test_render_writes_a_curve_per_recipe_and_the_bars_come_from_one_table(tmp_p
     finally:
         QUALITY_BARS.clear()
         QUALITY_BARS.update(bars)
+
+
+def test_round_records_carry_the_balanced_accuracy_the_final_predictions_give(tmp_path: Path):
+    """Per-round balanced accuracy from the sites' sums equals ½(TPR + TNR) of the pooled
+    predictions, which is what collect-run reads from a finished run's predictions.csv."""
+    from fedfair_med.experiments.recipes import _final_quality
+    from fedfair_med.fairness.site_summaries import combine_summaries, site_summary
+    from fedfair_med.runtime.rundir import round_record
+
+    # Site a: 2 positives (1 found), 2 negatives (1 right); site b: 4 negatives, all right.
+    # Pooled TPR 1/2, TNR 5/6 -> balanced accuracy 2/3, while plain accuracy is 6/8.
+    y_true = [1, 1, 0, 0, 0, 0, 0, 0]
+    y_pred = [1, 0, 1, 0, 0, 0, 0, 0]
+    frame = pd.DataFrame({"id": [str(i) for i in range(8)], "site": ["a"] * 4 + ["b"] * 4,
+                          "y_true": y_true, "y_pred": y_pred,
+                          "score": [0.9, 0.3, 0.7, 0.4, 0.2, 0.1, 0.35, 0.05],
+                          "metric": [float(t == p) for t, p in zip(y_true, y_pred)]})
+    summaries = {s: site_summary(part, ["site"]) for s, part in frame.groupby("site")}
+    record = round_record(1, elapsed_s=1.0, train_loss={}, test=summaries, val=summaries,
+                          classification=True)
+    assert record["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert record["val"]["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert record["metric"] == pytest.approx(0.75)
+    one_class = site_summary(frame[frame["y_true"] == 0], ["site"])
+    assert math.isnan(combine_summaries({"b": one_class}, classification=True)["balanced_accuracy"])
+    assert "balanced_accuracy" not in combine_summaries(summaries, classification=False)
+    frame.to_csv(tmp_path / "predictions.csv", index=False)
+    assert _final_quality(tmp_path)["balanced_accuracy"] == pytest.approx(2 / 3)

@@ -5,7 +5,10 @@ per group — and the server :func:`combine_summaries` into the pooled metric an
 
 * EA = max_k |D_k − D| with D_k the mean per-sample metric on site k and D the pooled mean;
 * DP(a) = max_g |E[s | a = g] − E[s | a known]| with s the positive-class probability;
-* EO(a) = the same over samples with y = 1.
+* EO(a) = the same over samples with y = 1;
+* classification also gets the balanced accuracy ½ (TPR + TNR), from the correct-decision sums
+  over positives and over all samples (how a model that calls everything benign is told apart
+  from one that learned, on label-skewed sites).
 
 A sample whose attribute is missing belongs to no group of that attribute and is left out of
 that attribute's pooled mean too — the definition of :mod:`fedfair_med.fairness.metrics` and
@@ -35,10 +38,11 @@ def _add(acc: dict[str, float], metric: float, score: float, positive: bool) -> 
     if positive:
         acc["n_pos"] += 1
         acc["score_pos"] += score
+        acc["metric_pos"] += metric
 
 
 def _empty() -> dict[str, float]:
-    return {"n": 0, "metric": 0.0, "score": 0.0, "n_pos": 0, "score_pos": 0.0}
+    return {"n": 0, "metric": 0.0, "score": 0.0, "n_pos": 0, "score_pos": 0.0, "metric_pos": 0.0}
 
 
 def site_summary(predictions: pd.DataFrame, attributes: Iterable[str]) -> Summary:
@@ -72,6 +76,14 @@ def _gap(groups: Mapping[str, Mapping[str, float]], num: str, den: str) -> float
     return max_gap([g[num] for g in groups.values()], [g[den] for g in groups.values()])
 
 
+def _balanced_accuracy(acc: Mapping[str, float]) -> float:
+    """½ (TPR + TNR) with ``metric`` the per-sample correctness; NaN with one class only."""
+    n_neg = acc["n"] - acc["n_pos"]
+    if acc["n_pos"] <= 0 or n_neg <= 0:
+        return float("nan")
+    return 0.5 * (acc["metric_pos"] / acc["n_pos"] + (acc["metric"] - acc["metric_pos"]) / n_neg)
+
+
 def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool) -> dict[str, Any]:
     """Pooled metric, per-site table and fairness gaps from the sites' summaries."""
     sites = {s: dict(summaries[s]["overall"]) for s in sorted(summaries)}
@@ -90,7 +102,7 @@ def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool)
                 continue
             gaps[f"dp:{a}"] = _gap(attr_groups[a], "score", "n")
             gaps[f"eo:{a}"] = _gap(attr_groups[a], "score_pos", "n_pos")
-    return {
+    combined: dict[str, Any] = {
         "metric": total["metric"] / total["n"] if total["n"] else float("nan"),
         "n": int(total["n"]),
         "sites": {s: {"n": int(v["n"]), "metric": v["metric"] / v["n"] if v["n"] else float("nan")}
@@ -101,3 +113,6 @@ def combine_summaries(summaries: Mapping[str, Summary], *, classification: bool)
                    for a, groups in sorted(attr_groups.items()) if a != "age"},
         "gaps": gaps,
     }
+    if classification and all("metric_pos" in summaries[s]["overall"] for s in summaries):
+        combined["balanced_accuracy"] = _balanced_accuracy(total)  # absent from older summaries
+    return combined

@@ -38,7 +38,7 @@ PACKED = "fedfair.packed"  # + ":<task>": everything else a site sends in a task
 #: A site's Poisson-bootstrap tables, sent once with the final evaluation (fairness/bootstrap.py).
 BOOTSTRAP_PREFIX = "bootstrap/"
 #: The columns of a summary table row, in the order :func:`site_summary` accumulates them.
-SUMMARY_FIELDS = ("n", "metric", "score", "n_pos", "score_pos")
+SUMMARY_FIELDS = ("n", "metric", "score", "n_pos", "score_pos", "metric_pos")
 
 _DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool",
            "uint64"]  # uint64: secure aggregation's masked fixed-point tensors
@@ -187,7 +187,8 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
 # ---- evaluation summaries ⇄ fixed-size tables ------------------------------------------------
 def summary_to_tables(summary: Mapping[str, Any], vocabularies: Mapping[str, Sequence[str]]
                       ) -> dict[str, np.ndarray]:
-    """A :func:`site_summary` as float64 tables: ``overall`` [5] and one [V, 5] per attribute.
+    """A :func:`site_summary` as float64 tables: ``overall`` [F] and one [V, F] per attribute
+    (F = len(SUMMARY_FIELDS)).
 
     Groups outside an attribute's vocabulary are refused: the vocabulary is part of the plan so
     every table has the same shape at every site (no value, only counts and sums, travels).
