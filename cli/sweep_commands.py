@@ -171,27 +171,40 @@ def register_results(app: typer.Typer) -> None:
 
     @results_app.command("collect-run")
     def collect_run(
-        run_dir: Path = typer.Argument(..., help="One run: runs/recipes/NAME, or its staging folder "
-                                                 "runs/recipes/.NAME.incomplete-PID while it runs."),
+        run_dirs: list[Path] = typer.Argument(
+            ..., help="Runs: runs/recipes/NAME, or a staging folder runs/recipes/.NAME.incomplete-PID "
+                      "while it runs; several at once go to results/recipes/NAME each."),
         into: Optional[Path] = typer.Option(
-            None, "--into", help="Summary folder (default: results/recipes/NAME)."),
+            None, "--into", help="Summary folder, for one run (default: results/recipes/NAME)."),
         force: bool = typer.Option(False, "--force",
                                    help="Let an incomplete run replace a complete run's summary."),
     ) -> None:
-        """Copy one run's summary (run.yaml, metrics.jsonl, report.json when complete) and a
+        """Copy each run's summary (run.yaml, metrics.jsonl, report.json when complete) and a
         status.json saying complete or incomplete (rounds done of planned)."""
         from fedfair_med.experiments.recipes import RECIPES_FOLDER, RecipeError, recipe_name
         from fedfair_med.experiments.recipes import collect_run as collect_one
 
-        target = into or Path("results") / RECIPES_FOLDER / recipe_name(run_dir)
-        try:
-            status = collect_one(run_dir, target, force=force)
-        except (RecipeError, OSError) as err:
-            _fail(str(err))
-        state = status["status"]
-        if state != "complete":
-            state += f": {status['rounds_done']} of {status['rounds_planned']} rounds"
-        typer.echo(f"{target}: {state}")
+        if into is not None and len(run_dirs) > 1:
+            _fail("--into names one summary folder; give one run, or leave --into out")
+        # Staging folders first, so a finished run given beside its own staging folder wins.
+        ordered = sorted(run_dirs, key=lambda d: not Path(d).name.startswith("."))
+        failures = []
+        for run_dir in ordered:
+            if not run_dir.exists() and any(c in str(run_dir) for c in "*?["):
+                typer.echo(f"{run_dir}: nothing matched")  # a shell pattern with no match
+                continue
+            target = into or Path("results") / RECIPES_FOLDER / recipe_name(run_dir)
+            try:
+                status = collect_one(run_dir, target, force=force)
+            except (RecipeError, OSError) as err:
+                failures.append(str(err))
+                continue
+            state = status["status"]
+            if state != "complete":
+                state += f": {status['rounds_done']} of {status['rounds_planned']} rounds"
+            typer.echo(f"{target}: {state}")
+        if failures:
+            _fail("; ".join(failures))
 
     @results_app.command("render")
     def render(

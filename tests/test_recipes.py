@@ -35,12 +35,12 @@ def _round(rnd: int, metric: float, val: float, **extra) -> dict:
             **extra}
 
 
-def _skin_run(path: Path) -> RunDirectory:
+def _skin_run(path: Path, force: bool = False) -> RunDirectory:
     config = RunConfig(name="skin-r18", task="skin", rounds=3, epochs=1, lr=0.001, optimizer="adam",
                        batch_size=32, network="resnet18", network_kwargs={"norm": "group"},
                        data={"manifests": ["a.csv", "b.csv"], "image_size": [64, 64],
                              "class_weights": "balanced"})
-    return RunDirectory(path, config, kind="classification", primary_metric="accuracy",
+    return RunDirectory(path, config, force=force, kind="classification", primary_metric="accuracy",
                         sites=list(SITES), rounds=3, batch_size=32,
                         local={"epochs": 1, "lr": 0.001, "optimizer": "adam"})
 
@@ -203,3 +203,25 @@ def test_round_records_carry_the_balanced_accuracy_the_final_predictions_give(tm
     assert "balanced_accuracy" not in combine_summaries(summaries, classification=False)
     frame.to_csv(tmp_path / "predictions.csv", index=False)
     assert _final_quality(tmp_path)["balanced_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_collect_run_takes_several_runs_and_a_finished_run_beats_its_own_staging_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    finished = _skin_run(tmp_path / "runs" / "recipes" / "done")
+    for rnd in (1, 2, 3):
+        finished.log_round(_round(rnd, 0.7, 0.7))
+    write_report(finished.staging, {"overall": {"n": 4, "metric": 0.7}, "groups": [], "gaps": {}})
+    done = finished.commit()
+    rerun = _skin_run(done, force=True)  # a rerun of "done" is going: its staging folder sits beside it
+    running = _skin_run(tmp_path / "runs" / "recipes" / "going")
+    running.log_round(_round(1, 0.6, 0.6))
+    result = _collect(str(done), str(rerun.staging), str(running.staging),
+                      "runs/recipes/.*.nothing-*")  # an unmatched shell pattern is passed as is
+    # The finished run is collected last and wins; its staging folder came first.
+    assert result.exit_code == 0, result.output
+    summaries = tmp_path / "results" / "recipes"
+    assert json.loads((summaries / "done" / "status.json").read_text())["status"] == "complete"
+    assert json.loads((summaries / "going" / "status.json").read_text())["rounds_done"] == 1
+    result = _collect(str(done), str(running.staging), "--into", str(summaries / "x"))
+    assert result.exit_code == 1 and not (summaries / "x").exists()
