@@ -294,6 +294,7 @@ def plot_recipe(summary: Path, path: Path) -> Path | None:
     """Validation and test metric per evaluated round (None when no round was evaluated)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     summary = Path(summary)
     records = [r for r in read_metrics(summary) if r.get("metric") is not None]
@@ -309,11 +310,16 @@ def plot_recipe(summary: Path, path: Path) -> Path | None:
            for r in records]
     ax.plot(rounds, val, marker="o", label=f"val {primary}")
     ax.plot(rounds, [r["metric"] for r in records], marker="s", label=f"test {primary}")
+    for metric in ("auc", "balanced_accuracy"):  # classification quality, where rounds hold it
+        if any(r.get(metric) is not None for r in records):
+            ax.plot(rounds, [math.nan if r.get(metric) is None else r[metric] for r in records],
+                    marker="^", label=f"test {METRIC_LABELS[metric]}")
     for metric, bar in (QUALITY_BARS.get(str(config.get("task"))) or {}).items():
-        if metric == primary:
-            ax.axhline(bar, color="grey", linestyle="--", label=f"issue 16 bar {bar:.2f}")
+        ax.axhline(bar, color="grey", linestyle="--", linewidth=0.8,
+                   label=f"issue 16 bar: {METRIC_LABELS.get(metric, metric)} {bar:.2f}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel(primary)
+    ax.set_ylabel("test / val value")
     ax.set_title(f"Recipe {summary.name}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
