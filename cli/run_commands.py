@@ -150,8 +150,12 @@ def _run_cli(config: RunConfig, target: Path, label: str, force: bool) -> Any:
     except KeyboardInterrupt:
         typer.echo(f"interrupted: nothing was written to {target}", err=True)
         raise typer.Exit(130) from None
-    except (ValueError, OSError, FloatingPointError) as err:
-        _fail(f"{err}; nothing was written to {target}")
+    except Exception as err:  # one line, never a traceback; a failed run's rounds are kept aside
+        kept = getattr(err, "kept_run", None)
+        where = f"; the rounds done so far are in {kept} (status failed)" if kept else ""
+        message = str(err) if isinstance(err, (ValueError, OSError, FloatingPointError)) else \
+            f"{type(err).__name__}: {err} (a bug: please report it)"
+        _fail(f"{message}; nothing was written to {target}{where}")
 
 
 def register(app: typer.Typer) -> None:

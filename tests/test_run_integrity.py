@@ -137,6 +137,30 @@ def test_a_crash_mid_run_keeps_the_old_run_and_leaves_no_staging(tmp_path, monke
                        target, force=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == old
     assert not _staging(target)
+    # The rounds done before the crash are kept aside, visibly failed, never taken for a result.
+    failed = tmp_path / "run.failed"
+    status = json.loads((failed / "status.json").read_text())
+    assert status["status"] == "failed" and "loss is inf" in status["error"]
+    assert [r["round"] for r in read_metrics(failed)] == [1]
+    refused = CliRunner().invoke(app, ["report", str(failed)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+
+
+def test_a_bug_after_the_last_round_is_one_line_and_keeps_the_rounds(tmp_path, monkeypatch) -> None:
+    """A failure outside the expected kinds (here an ImportError in report writing, after every
+    round) names where the finished rounds went instead of printing a traceback."""
+    def broken(*_args, **_kwargs):
+        raise ImportError("cannot import name 'write_reports'")
+
+    monkeypatch.setattr(local, "write_reports", broken)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"task": "synthetic-seg", "rounds": 2, **TINY}))
+    result = CliRunner().invoke(app, ["simulate", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert "ImportError" in result.output and "Traceback" not in result.output
+    assert f"the rounds done so far are in {tmp_path / 'run.failed'}" in " ".join(result.output.split())
+    assert [r["round"] for r in read_metrics(tmp_path / "run.failed")] == [1, 2]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_killed_between_the_renames_of_its_commit_is_put_back(tmp_path) -> None:

@@ -110,7 +110,12 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
     made: list[RunDirectory] = []
     try:
         result = _simulate(config, Path(out_dir), progress or _Silent(), force, made.append)
-    except BaseException:  # interrupted or failed: the staging directory goes, out_dir stays
+    except Exception as err:  # failed: the rounds done so far are kept aside, visibly failed
+        kept = made[0].keep_failed(err) if made else None
+        discard_staging(Path(out_dir))
+        err.kept_run = kept  # type: ignore[attr-defined]  # for the CLI's one-line message
+        raise
+    except BaseException:  # interrupted (Ctrl-C, kill): the staging directory goes, out_dir stays
         discard_staging(Path(out_dir))
         raise
     result.path = made[0].commit()

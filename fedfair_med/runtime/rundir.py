@@ -219,6 +219,25 @@ class RunDirectory:
             shutil.rmtree(aside, ignore_errors=True)
         return self.path
 
+    def keep_failed(self, error: BaseException) -> Path | None:
+        """Move a run that failed with ``error`` beside ``path`` as ``NAME.failed[-N]``.
+
+        Why: a crash after hours of rounds (a bug in report writing, a full disk) must not take
+        the rounds' metrics and checkpoints with it. The folder is visible and its status.json
+        says ``failed`` with the error, so it is never taken for a result (``report`` refuses
+        it); ``path`` itself is untouched.
+        """
+        if not self.staging.is_dir():
+            return None
+        self._status("failed", error=f"{type(error).__name__}: {error}",
+                      failed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        target, n = self.path.parent / f"{self.path.name}.failed", 1
+        while target.exists():
+            n += 1
+            target = self.path.parent / f"{self.path.name}.failed-{n}"
+        os.replace(self.staging, target)
+        return target
+
     def discard(self) -> None:
         """Remove the staging directory (an interrupted or failed run); ``path`` is untouched."""
         shutil.rmtree(self.staging, ignore_errors=True)
