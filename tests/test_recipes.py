@@ -225,3 +225,18 @@ def test_collect_run_takes_several_runs_and_a_finished_run_beats_its_own_staging
     assert json.loads((summaries / "going" / "status.json").read_text())["rounds_done"] == 1
     result = _collect(str(done), str(running.staging), "--into", str(summaries / "x"))
     assert result.exit_code == 1 and not (summaries / "x").exists()
+
+
+def test_a_failed_run_kept_aside_is_collected_under_its_name_as_incomplete(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    run = _skin_run(tmp_path / "runs" / "recipes" / "skin-r18")
+    run.log_round(_round(1, 0.6, 0.6))
+    failed = run.keep_failed(RuntimeError("disk full"))
+    assert failed.name == "skin-r18.failed"
+    result = _collect(str(failed))
+    assert result.exit_code == 0, result.output
+    status = json.loads((tmp_path / "results/recipes/skin-r18/status.json").read_text())
+    assert status["status"] == "incomplete" and status["run_status"] == "failed"
+    assert status["error"] == "RuntimeError: disk full" and status["rounds_done"] == 1
+    assert "(incomplete: 1 of 3 rounds, the run failed)" in recipes_markdown(tmp_path / "results/recipes")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -56,11 +57,12 @@ class RecipeError(SweepError):
 
 # ---- collecting --------------------------------------------------------------------------------------
 def recipe_name(run_dir: Path) -> str:
-    """NAME of ``runs/recipes/NAME`` or of its staging folder ``.NAME.incomplete-PID``."""
+    """NAME of ``runs/recipes/NAME``, of its staging folder ``.NAME.incomplete-PID`` or of a
+    failed run kept aside as ``NAME.failed[-N]``."""
     name = Path(run_dir).resolve().name
     if name.startswith(".") and STAGING_MARK in name:
         return name[1:].rsplit(STAGING_MARK, 1)[0]
-    return name
+    return re.sub(r"\.failed(-\d+)?$", "", name)
 
 
 def _planned_rounds(config: Mapping[str, Any]) -> int | None:
@@ -150,6 +152,8 @@ def collect_run(run_dir: Path, into: Path, force: bool = False) -> dict[str, Any
     }
     if not complete:
         status["run_status"] = source_status.get("status", "unknown")
+        if source_status.get("error"):  # a failed run (NAME.failed): why it stopped
+            status["error"] = str(source_status["error"])
     for key in ("started", "finished"):
         if key in source_status:
             status[key] = source_status[key]
@@ -252,6 +256,8 @@ def recipe_markdown(summary: Path, plot_link: str | None = None) -> tuple[str, s
     complete = status.get("status") == COMPLETE
     done, planned = status.get("rounds_done"), status.get("rounds_planned")
     state = COMPLETE if complete else f"incomplete: {done} of {planned} rounds"
+    if status.get("run_status") == "failed":
+        state += ", the run failed"
     records = [r for r in read_metrics(summary) if r.get("metric") is not None]
     sites = sorted({s for r in records for s in (r.get("sites") or {})})
     gaps = sorted({g for r in records for g in (r.get("gaps") or {})}, key=lambda g: (g != "ea", g))
