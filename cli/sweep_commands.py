@@ -186,8 +186,9 @@ def register_results(app: typer.Typer) -> None:
 
         if into is not None and len(run_dirs) > 1:
             _fail("--into names one summary folder; give one run, or leave --into out")
-        # Staging folders first, so a finished run given beside its own staging folder wins.
-        ordered = sorted(run_dirs, key=lambda d: not Path(d).name.startswith("."))
+        # Staging and failed folders first, so a finished run given beside them wins.
+        ordered = sorted(run_dirs, key=lambda d: not (Path(d).name.startswith(".")
+                                                      or ".failed" in Path(d).name))
         failures = []
         for run_dir in ordered:
             if not run_dir.exists() and any(c in str(run_dir) for c in "*?["):
