@@ -240,3 +240,10 @@ def test_a_failed_run_kept_aside_is_collected_under_its_name_as_incomplete(tmp_p
     assert status["status"] == "incomplete" and status["run_status"] == "failed"
     assert status["error"] == "RuntimeError: disk full" and status["rounds_done"] == 1
     assert "(incomplete: 1 of 3 rounds, the run failed)" in recipes_markdown(tmp_path / "results/recipes")
+    # The rerun finishes; given after its failed try on the command line, it still wins.
+    again = _skin_run(tmp_path / "runs" / "recipes" / "skin-r18")
+    again.log_round(_round(3, 0.7, 0.7))
+    write_report(again.staging, {"overall": {"n": 4, "metric": 0.7}, "groups": [], "gaps": {}})
+    result = _collect(str(again.commit()), str(failed))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "results/recipes/skin-r18/status.json").read_text())["status"] == "complete"
