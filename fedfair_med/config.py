@@ -36,6 +36,8 @@ class RunConfig:
     rounds: int | None = None
     epochs: int | None = None
     lr: float | None = None
+    #: Cosine-decay the local learning rate over the rounds, from ``lr`` to this; null: constant.
+    lr_final: float | None = None
     optimizer: str | None = None
     momentum: float | None = None
     batch_size: int | None = None
@@ -78,6 +80,8 @@ class RunConfig:
                 problems.append(f"{key}: must be a positive integer, got {value!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             problems.append(f"lr: must be a positive number, got {self.lr!r}")
+        if self.lr_final is not None and not (isinstance(self.lr_final, (int, float)) and self.lr_final >= 0):
+            problems.append(f"lr_final: must be a number ≥ 0 (or null for a constant rate), got {self.lr_final!r}")
         if self.momentum is not None and not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             problems.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if self.optimizer is not None and self.optimizer not in ("adam", "sgd"):
@@ -129,7 +133,7 @@ class RunConfig:
                 problems.append(f"{key}: must be an integer, got {value!r}")
         if not integer(self.seed):
             problems.append(f"seed: must be an integer, got {self.seed!r}")
-        for key in ("lr", "momentum"):
+        for key in ("lr", "lr_final", "momentum"):
             value = getattr(self, key)
             if value is not None and not number(value):
                 problems.append(f"{key}: must be a number, got {value!r}")

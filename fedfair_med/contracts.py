@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -107,6 +107,18 @@ class LocalSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     max_steps: int | None = None  # cap on optimiser steps per round (None: full epochs)
+    #: Cosine decay of the local learning rate across rounds, from ``lr`` in the first round to
+    #: ``lr_final`` in the last; None keeps ``lr`` constant. Late rounds then take small steps,
+    #: which limits client drift where a constant rate leaves the global model oscillating.
+    lr_final: float | None = None
+
+    def for_round(self, round_index: int, rounds: int) -> "LocalSettings":
+        """These settings with the learning rate of round ``round_index`` (1-based) of ``rounds``."""
+        if self.lr_final is None or rounds <= 1:
+            return self
+        progress = min(max(round_index - 1, 0), rounds - 1) / (rounds - 1)
+        lr = self.lr_final + 0.5 * (self.lr - self.lr_final) * (1.0 + math.cos(math.pi * progress))
+        return replace(self, lr=lr)
 
 
 @dataclass

@@ -204,7 +204,9 @@ def settings_line(config: Mapping[str, Any]) -> str:
              f"image size {'×'.join(str(v) for v in data['image_size'])}"
              if isinstance(data.get("image_size"), (list, tuple)) else
              f"image size {data.get('image_size', 'task default')}",
-             f"optimiser {optimiser}", f"lr {local.get('lr', config.get('lr'))}",
+             f"optimiser {optimiser}", f"lr {local.get('lr', config.get('lr'))}"
+             + (f" cosine-decayed to {local['lr_final']} over the rounds"
+                if local.get("lr_final") is not None else ""),
              f"batch {resolved.get('batch_size', config.get('batch_size'))}",
              f"{epochs} epochs × {_planned_rounds(config)} rounds"]
     steps = local.get("max_steps", config.get("max_steps"))

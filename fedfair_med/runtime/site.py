@@ -75,7 +75,8 @@ class SiteRunner:
         if shuffle and self.dp_sgd is None and prefetch_enabled():  # Opacus needs the DataLoader
             loader = BackgroundBatches(loader)  # same batches, prepared on a spare core
         return SiteContext(site=self.name, site_index=self.site_index, loader=loader,
-                           objective=self.objective, settings=self.resolved.settings,
+                           objective=self.objective,
+                           settings=self.resolved.settings.for_round(round_index, self.resolved.rounds),
                            round=round_index, num_groups=self.num_groups,
                            device=self.placement.device, precision=self.placement.precision,
                            state=self.client_state)
