@@ -267,9 +267,44 @@ def test_skin_labels_attributes_and_missing_age(tmp_path: Path) -> None:
     for age, band in zip(ages, bands):
         assert band == ("" if age == "" else (">60" if float(age) > 60 else "<=60"))
     assert set(federation.group_vocabulary("age_band")) <= {"<=60", ">60"}
-    # 'balanced' weights w_c = N / (2 N_c): 8 training images, 2 malignant, 6 benign.
-    assert task.class_weights is not None
-    torch.testing.assert_close(task.class_weights, torch.tensor([8 / 12, 8 / 4]))
+    # 'balanced' weights w_c = N_s / (2 N_{s,c}) from each site's own training labels.
+    assert task.class_weights is None
+    for site in federation.sites:
+        labels = [int(r["label"]) for r in site.train.data]
+        n, n1 = len(labels), sum(labels)
+        torch.testing.assert_close(task.site_class_weights[site.name],
+                                   torch.tensor([n / (2 * (n - n1)), n / (2 * n1)]))
+
+
+@realdata
+def test_skin_balanced_weights_are_each_sites_own_in_either_runtime(tmp_path: Path) -> None:
+    """A site trains with the weights its own labels give, whether the process loaded every site
+    (in-process) or only its own manifest (an OpenFL collaborator); the loss uses them."""
+    from fedfair_med.fairness.criteria import Criterion
+    from fedfair_med.tasks.skin import balanced_weights
+
+    images = sorted((SHARED / "ham10000/images_200x150").glob("ISIC_00243*.jpg"))[:6]
+    skewed = write_manifest(tmp_path / "skewed" / "manifest.csv", [  # 1 malignant in 5 (others 1 in 4)
+        {"id": f"s{i}", "image": image, "label": "mel" if i == 0 else "nv", "split": "train" if i < 5 else "test",
+         "sex": "male", "age": "50"} for i, image in enumerate(images)], attribute_names=("sex", "age"))
+    manifests = [*skin_manifests(tmp_path), skewed]
+    together = SkinTask()
+    together.load_federation(manifests=manifests, class_weights="balanced")
+    for manifest in manifests:
+        alone = SkinTask()
+        site = alone.load_federation(manifests=[manifest], class_weights="balanced").sites[0]
+        torch.testing.assert_close(alone.site_class_weights[site.name],
+                                   together.site_class_weights[site.name])
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-1.0, 1.0]])
+    batch = {"label": torch.tensor([0, 1, 1]), "group": torch.zeros(3, dtype=torch.long)}
+    for name, weights in together.site_class_weights.items():
+        loss = together.objective(Criterion("dp", "sex"), site=name).task_loss(logits, batch)
+        expected = torch.nn.functional.cross_entropy(logits, batch["label"], weight=weights)
+        torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(together.site_class_weights["skewed"], torch.tensor([5 / 8, 5 / 2]))
+    assert not torch.equal(together.site_class_weights["skewed"], together.site_class_weights["rosendahl"])
+    # A site holding one class trains unweighted: the weights would only rescale its loss.
+    torch.testing.assert_close(balanced_weights(torch.tensor([0, 0, 0])), torch.ones(2))
 
 
 @realdata

@@ -37,7 +37,7 @@ class SiteRunner:
         self.placement: Placement = placement(device or config.device, config.precision)
         apply_determinism(config.deterministic)
         self.criterion = Criterion(config.criterion, config.attribute)
-        self.objective = self.task.objective(self.criterion)
+        self.objective = self.task.objective(self.criterion, site=site.name)
         self.resolved = setup.resolved
         self.num_groups = len(vocabulary)
         self.attributes = attributes

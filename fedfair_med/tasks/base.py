@@ -9,7 +9,7 @@ two class logits (B, 2), class 1 being the positive (e.g. malignant) class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +146,9 @@ class Task:
             return hard_dice(logits, batch["label"])
         return (logits.argmax(1) == batch["label"].long()).to(torch.float64)
 
-    def objective(self, criterion: Criterion) -> Objective:
-        """The local objective pieces for a fairness criterion (see :class:`Objective`)."""
+    def objective(self, criterion: Criterion, site: str | None = None) -> Objective:
+        """The local objective pieces for a fairness criterion (see :class:`Objective`), as
+        ``site`` trains them (:meth:`site_task_loss`)."""
         if criterion.uses_task_loss:
             risk = self.sample_loss
         else:
@@ -161,7 +162,13 @@ class Task:
             def mask(batch: Mapping[str, Any]) -> torch.Tensor:
                 return torch.ones(len(batch["group"]), dtype=torch.bool, device=batch["group"].device)
 
-        return Objective(task_loss=self.task_loss, sample_risk=risk, risk_mask=mask)
+        return Objective(task_loss=self.site_task_loss(site), sample_risk=risk, risk_mask=mask)
+
+    def site_task_loss(self, site: str | None) -> Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]:
+        """The task loss one site trains with; the same everywhere unless a task derives it from
+        the site's own data (skin's ``class_weights: balanced``), which keeps both runtimes equal:
+        an OpenFL collaborator only ever sees its own data."""
+        return self.task_loss
 
     def positive_label(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """y = 1 per sample: the class label, or 'the mask has foreground' for segmentation."""

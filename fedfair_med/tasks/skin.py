@@ -8,9 +8,12 @@ and ``sex`` come from the manifest; ``age_band`` is derived from ``age`` (edges 
 CPU default: MONAI ResNet-18 at 64 × 64 (the pooled reference in ``shared/data/README.md`` reaches
 AUC ≈ 0.87 there); ``network: resnet50`` or ``densenet121`` for studies. Malignant lesions are a
 minority (~20 % in HAM10000), so ``class_weights`` may weight the cross-entropy: ``[w0, w1]``, or
-``"balanced"``, i.e. ``w_c = N / (2 N_c)`` from the training labels this process loaded (in a
-federated deployment each collaborator loads only its own manifest, so that is its own split).
-The per-sample risk used by fairness criteria stays the unweighted cross-entropy.
+``"balanced"``, i.e. ``w_c = N_s / (2 N_{s,c})`` from each site's own training labels. Per site,
+not pooled: an OpenFL collaborator only sees its own manifest, so both runtimes train with the same
+weights, and under label skew (HAM10000's sites hold 3 % to 35 % malignant) each site's gradient is
+class-balanced instead of the largest, nearly all-benign site pulling every round towards
+"benign". A site whose training rows hold one class only trains unweighted. The per-sample risk
+used by fairness criteria stays the unweighted cross-entropy.
 
 ``metadata_inputs: [age, sex]`` feeds the patient's metadata to the network as constant image
 planes after the RGB channels (age / 100, clipped to [0, 1]; sex 0 female, 1 male; 0.5 where the
@@ -75,7 +78,10 @@ class SkinTask(ImagingTask):
         super().__init__()
         self.malignant: tuple[str, ...] = HAM10000_MALIGNANT
         self.class_weights_option: Any = None
+        #: fixed ``[w0, w1]`` weights, or None (unweighted, or per site when ``balanced``)
         self.class_weights: torch.Tensor | None = None
+        #: ``balanced``: each site's own weights, by site name
+        self.site_class_weights: dict[str, torch.Tensor] = {}
         self.metadata_inputs: tuple[str, ...] = ()
 
     @property  # type: ignore[override]
@@ -103,6 +109,7 @@ class SkinTask(ImagingTask):
             class_weights = weights
         self.class_weights_option = class_weights
         self.class_weights = None
+        self.site_class_weights = {}
 
     def apply_model_options(self, data: Mapping[str, Any]) -> None:
         if data.get("metadata_inputs") is not None:
@@ -143,21 +150,39 @@ class SkinTask(ImagingTask):
 
     def after_load(self, sites: list[SiteData]) -> None:
         option = self.class_weights_option
-        if option is None:
-            self.class_weights = None
-        elif option == "balanced":
-            labels = [int(record[LABEL]) for site in sites for record in site.train.data]
-            counts = torch.bincount(torch.tensor(labels), minlength=2).to(torch.float32)
-            if (counts == 0).any():
-                raise ValueError("task 'skin': class_weights='balanced' needs both classes in the "
-                                 f"training data; counts are {counts.tolist()}")
-            self.class_weights = counts.sum() / (2.0 * counts)
-        else:
+        self.site_class_weights = {}
+        self.class_weights = None
+        if option == "balanced":
+            for site in sites:
+                labels = torch.tensor([int(record[LABEL]) for record in site.train.data], dtype=torch.long)
+                self.site_class_weights[site.name] = balanced_weights(labels)
+        elif option is not None:
             self.class_weights = torch.tensor(option, dtype=torch.float32)
 
+    def site_task_loss(self, site: str | None):
+        weights = self.site_class_weights.get(site) if site is not None else None
+        if weights is None:
+            return self.task_loss
+
+        def loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+            return weighted_cross_entropy(logits, batch, weights)
+        return loss
+
     def task_loss(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Cross-entropy, class-weighted when ``class_weights`` is set."""
+        """Cross-entropy, weighted by fixed ``class_weights`` when set."""
         if self.class_weights is None:
             return super().task_loss(logits, batch)
-        weight = self.class_weights.to(device=logits.device, dtype=logits.dtype)
-        return F.cross_entropy(logits, batch[LABEL].long(), weight=weight)
+        return weighted_cross_entropy(logits, batch, self.class_weights)
+
+
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """``w_c = N / (2 N_c)``; ones when a class is absent (with one class, weights only rescale)."""
+    counts = torch.bincount(labels, minlength=2)[:2].to(torch.float32)
+    if bool((counts == 0).any()):
+        return torch.ones(2)
+    return counts.sum() / (2.0 * counts)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, batch: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
+    weight = weights.to(device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(logits, batch[LABEL].long(), weight=weight)
