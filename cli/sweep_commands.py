@@ -178,6 +178,9 @@ def register_results(app: typer.Typer) -> None:
             None, "--into", help="Summary folder, for one run (default: results/recipes/NAME)."),
         force: bool = typer.Option(False, "--force",
                                    help="Let an incomplete run replace a complete run's summary."),
+        note: Optional[str] = typer.Option(
+            None, "--note", help="A line the results page shows with the recipe (kept on later "
+                                 "collects), e.g. that the code has changed since the run."),
     ) -> None:
         """Copy each run's summary (run.yaml, metrics.jsonl, report.json when complete) and a
         status.json saying complete or incomplete (rounds done of planned)."""
@@ -196,7 +199,7 @@ def register_results(app: typer.Typer) -> None:
                 continue
             target = into or Path("results") / RECIPES_FOLDER / recipe_name(run_dir)
             try:
-                status = collect_one(run_dir, target, force=force)
+                status = collect_one(run_dir, target, force=force, note=note)
             except (RecipeError, OSError) as err:
                 failures.append(str(err))
                 continue

@@ -59,7 +59,8 @@ def test_collect_run_marks_a_running_run_incomplete_and_the_finished_run_replace
         fh.write('{"round": 3, "elapsed_s": 1')
     assert run.staging.name.startswith(".skin-r18.incomplete-")
 
-    result = _collect(str(run.staging))  # default --into: results/recipes/NAME
+    # default --into: results/recipes/NAME; a note says what run.yaml cannot
+    result = _collect(str(run.staging), "--note", "weights were pooled when this ran")
     assert result.exit_code == 0, result.output
     summary = tmp_path / "results" / "recipes" / "skin-r18"
     assert "incomplete: 2 of 3 rounds" in result.output
@@ -83,11 +84,13 @@ def test_collect_run_marks_a_running_run_incomplete_and_the_finished_run_replace
     assert result.exit_code == 0, result.output
     status = json.loads((summary / "status.json").read_text())
     assert status["status"] == "complete" and "run_status" not in status
+    assert status["note"] == "weights were pooled when this ran"  # kept by a collect without one
     assert status["final_test"] == pytest.approx({"auc": 1.0, "balanced_accuracy": 0.75})
     assert sorted(p.name for p in summary.iterdir()) == ["metrics.jsonl", "report.json",
                                                          "run.yaml", "status.json"]
     text = recipes_markdown(tmp_path / "results" / "recipes")
     assert "#### Recipe `skin-r18` (complete)" in text
+    assert "Note: weights were pooled when this ran" in text
     # Skin's bars: AUC 1.000 >= 0.80 but balanced accuracy 0.750 >= 0.70 too -> reached.
     assert "**reached** — AUC 1.000 ≥ 0.80; balanced accuracy 0.750 ≥ 0.70." in text
 

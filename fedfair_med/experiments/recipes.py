@@ -113,8 +113,11 @@ def read_recipe_status(summary: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
-def collect_run(run_dir: Path, into: Path, force: bool = False) -> dict[str, Any]:
+def collect_run(run_dir: Path, into: Path, force: bool = False, note: str | None = None) -> dict[str, Any]:
     """Copy one run's summary into ``into`` (replacing what is there); return its status.
+
+    ``note`` says what run.yaml cannot (e.g. the code has changed since, so the same settings now
+    train differently); it is kept when the summary is collected again without one.
 
     Raises :class:`RecipeError` when ``run_dir`` is not a run (no run.yaml mapping or no
     metrics.jsonl), or when an incomplete run would replace a complete summary without ``force``.
@@ -134,6 +137,7 @@ def collect_run(run_dir: Path, into: Path, force: bool = False) -> dict[str, Any
             and read_recipe_status(into).get("status") == COMPLETE):
         raise RecipeError(f"{into} holds a complete run's summary; collecting the incomplete "
                           f"{run_dir} over it needs --force")
+    note = note if note is not None else read_recipe_status(into).get("note")
     metrics = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
     if not complete:
         metrics = _whole_records(metrics)
@@ -161,6 +165,8 @@ def collect_run(run_dir: Path, into: Path, force: bool = False) -> dict[str, Any
         quality = _final_quality(run_dir)
         if quality:
             status["final_test"] = quality
+    if note:
+        status["note"] = str(note)
     (partial / RECIPE_STATUS).write_text(json.dumps(status, indent=1) + "\n", encoding="utf-8")
     if into.exists():
         shutil.rmtree(into)
@@ -266,6 +272,8 @@ def recipe_markdown(summary: Path, plot_link: str | None = None) -> tuple[str, s
     quality = [m for m in ("auc", "balanced_accuracy") if any(m in r for r in records)]
     name = summary.name
     lines = [f"#### Recipe `{name}` ({state})", "", settings_line(config) + ".", ""]
+    if status.get("note"):
+        lines += [f"Note: {status['note']}", ""]
     if not records:
         lines += ["No evaluated round yet.", ""]
     else:
