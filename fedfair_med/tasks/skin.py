@@ -10,9 +10,9 @@ AUC ≈ 0.87 there); ``network: resnet50`` or ``densenet121`` for studies. Malig
 minority (~20 % in HAM10000), so ``class_weights`` may weight the cross-entropy: ``[w0, w1]``, or
 ``"balanced"``, i.e. ``w_c = N_s / (2 N_{s,c})`` from each site's own training labels. Per site,
 not pooled: an OpenFL collaborator only sees its own manifest, so both runtimes train with the same
-weights, and under label skew (HAM10000's sites hold 3 % to 35 % malignant) each site's gradient is
-class-balanced instead of the largest, nearly all-benign site pulling every round towards
-"benign". A site whose training rows hold one class only trains unweighted. The per-sample risk
+weights; under label skew (HAM10000's sites' training rows run from 0.7 % to 41 % malignant) each
+site's gradient is then class-balanced on its own. A site whose training rows hold one class only
+trains unweighted. The per-sample risk
 used by fairness criteria stays the unweighted cross-entropy.
 
 ``metadata_inputs: [age, sex]`` feeds the patient's metadata to the network as constant image
