@@ -26,7 +26,7 @@ directly is also the case a demographic-parity penalty over age bands has to cor
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +159,8 @@ class SkinTask(ImagingTask):
         elif option is not None:
             self.class_weights = torch.tensor(option, dtype=torch.float32)
 
-    def site_task_loss(self, site: str | None):
-        weights = self.site_class_weights.get(site) if site is not None else None
+    def site_task_loss(self, site: str | None) -> Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]:
+        weights = self.site_class_weights.get(site)  # type: ignore[arg-type]
         if weights is None:
             return self.task_loss
 
