@@ -233,10 +233,45 @@ def derive_mri(
         console.print(f"wrote {manifest}", markup=False)
 
 
+def deal(
+    manifests: list[Path] = typer.Argument(..., help="Site manifests whose rows are re-dealt."),
+    out: Path = typer.Option(..., "--out", help="Where to write <site>/manifest.csv."),
+    sites: int = typer.Option(..., "--sites", help="How many sites; 1 pools every row into one."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle within each split."),
+    prefix: Optional[str] = typer.Option(
+        None, "--prefix", help="Site name ('pooled' for one site), numbered for several "
+                               "(default 'iid': iid0, iid1, ...)."),
+    task: Optional[TaskName] = typer.Option(None, "--task", help="When the manifests declare none."),
+    force: bool = typer.Option(False, "--force", help="Replace manifests already there."),
+) -> None:
+    """Deal the rows of site manifests into new sites: one pooled site, or N equal IID sites.
+
+    A diagnostic for slow federations on data you already hold (a public dataset): pooled
+    training tests the pipeline, IID sites test the averaging, the real sites add their split.
+    Each row keeps its split, label and attributes; the rows of each split are dealt in turn.
+    """
+    from fedfair_med.data.deal import DealError, deal_sites
+
+    console = _console()
+    name = prefix or ("pooled" if sites == 1 else "iid")
+    try:
+        written = deal_sites(manifests, out, sites=sites, seed=seed, prefix=name,
+                             task=task.value if task else None, force=force)
+    except ManifestError as exc:
+        _print_problems(console, "cannot read a source manifest:", list(exc.problems), "bold red")
+        raise typer.Exit(1) from None
+    except (DealError, ValueError, OSError) as exc:
+        console.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    for path in written:
+        console.print(f"wrote {path}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Attach the ``data`` command group to the main app."""
     data_app = typer.Typer(help="Site manifests: check them, import public datasets.", no_args_is_help=True)
     data_app.command("check")(check)
     data_app.command("import")(import_)
     data_app.command("derive-mri")(derive_mri)
+    data_app.command("deal")(deal)
     app.add_typer(data_app, name="data")
