@@ -331,6 +331,18 @@ def test_shipped_configs_do_not_trigger_the_adam_warning(name) -> None:
             RunConfig(method="flexfair", criterion="ea"), "adam")
 
 
+def test_a_single_run_of_an_sgd_only_method_at_adam_settings_warns(tmp_path) -> None:
+    """Sweeps refuse such an arm; a single run still runs, but says SGD replaced Adam at its rate."""
+    base = {"task": "synthetic-seg", "rounds": 1, "max_steps": 1, "data": {"scale": 0.25}}
+    with pytest.warns(UserWarning, match=r"scaffold trains with local sgd, not the configured 'adam', at lr 0.001"):
+        local.run_simulation(load_config({**base, "method": "scaffold", "optimizer": "adam", "lr": 0.001}),
+                             tmp_path / "adam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        local.run_simulation(load_config({**base, "method": "scaffold", "optimizer": "sgd", "lr": 0.05}),
+                             tmp_path / "sgd")
+
+
 def test_report_header_names_resolved_rounds_and_lambda() -> None:
     """run.yaml's rounds is null when the task default applied; the header shows the number."""
     from fedfair_med.reporting.render import _title

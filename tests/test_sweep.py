@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from fedfair_med.experiments.sweep import (
 from fedfair_med.runtime.local import run_simulation
 from fedfair_med.runtime.rundir import read_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = {"task": "synthetic-seg", "rounds": 2, "max_steps": 1, "data": {"scale": 0.25}}
 TINY = {
     "name": "tiny",
@@ -128,6 +130,34 @@ def test_per_label_settings_override_base_for_that_label_only() -> None:
     with pytest.raises(SweepError, match=r"methods.s at default: lr"):
         load_sweep({"base": TINY_BASE, "seeds": [0],
                     "methods": {"s": {"method": "fedavg", "settings": {"lr": -1}}}})
+
+
+def test_an_sgd_only_method_at_an_adam_arm_is_refused_with_the_fix_named() -> None:
+    """FedNova and SCAFFOLD swap in SGD but keep the arm's rate: an arm tuned for Adam would run
+    SGD at lr 1e-3 and barely learn, so the sweep refuses it instead of comparing it."""
+    adam_base = {**TINY_BASE, "optimizer": "adam", "lr": 0.001}
+    with pytest.raises(SweepError) as info:
+        load_sweep({"base": adam_base, "seeds": [0],
+                    "methods": {"fedavg": {"method": "fedavg"},
+                                "nova": {"method": "fednova"},
+                                "scaffold": {"method": "scaffold"}}})
+    message = str(info.value)
+    assert "methods.nova: fednova trains with local sgd" in message and "'adam'" in message
+    assert "methods.scaffold: scaffold" in message and "set optimizer: sgd" in message
+    assert "methods.fedavg" not in message
+    # Fixed in the arm's settings, or inherited from the task's own default (synthetic: SGD).
+    fixed = load_sweep({"base": adam_base, "seeds": [0], "methods": {
+        "nova": {"method": "fednova", "settings": {"optimizer": "sgd", "lr": 0.05}}}})
+    assert [(r.config.optimizer, r.config.lr) for r in fixed.runs] == [("sgd", 0.05)]
+    assert load_sweep({"base": TINY_BASE, "seeds": [0], "methods": {"s": {"method": "scaffold"}}}).runs
+
+
+@pytest.mark.parametrize("path", sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
+    if "methods" in (yaml.safe_load(p.read_text()) or {})))
+def test_every_shipped_sweep_loads(path) -> None:
+    """The shipped study files are valid, so none trains a method at another optimiser's rate."""
+    assert load_sweep(ROOT / path).runs
 
 
 # ---- running, resuming, parallel ---------------------------------------------------------------

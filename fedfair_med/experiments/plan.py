@@ -312,6 +312,17 @@ def _holdout_folds(raw: Mapping[str, Any], base: Mapping[str, Any], methods: Any
     return folds
 
 
+def _effective_optimizer(config: Mapping[str, Any]) -> str | None:
+    """The local optimiser a run configuration mapping trains with: its own, else its task's
+    default; None when the task is unknown (reported elsewhere)."""
+    from fedfair_med.tasks import TASKS
+
+    if config.get("optimizer"):
+        return str(config["optimizer"])
+    task = TASKS.get(str(config.get("task")))
+    return task.defaults.optimizer if task is not None else None
+
+
 def _expand(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[int], sweep_name: str,
             problems: list[str], registry: Mapping[str, Any]) -> list[PlannedRun]:
     """The runs of one methods entry; problems are appended with the entry named."""
@@ -349,6 +360,15 @@ def _expand_entry(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[
     if problems:
         return []
     base = {**base, **settings}
+    required = registry[method].required_optimizer
+    if required and _effective_optimizer(base) not in (None, required):
+        # The method swaps the optimiser but keeps the rate, so the arm would run, say, SGD at a
+        # rate tuned for Adam and barely learn: a comparison that says nothing about the method.
+        problems.append(
+            f"{at}: {method} trains with local {required} whatever 'optimizer' says, but this arm's "
+            f"optimizer is {_effective_optimizer(base)!r}; set optimizer: {required} with a "
+            f"learning rate chosen for {required} (in base, or in this entry's settings)")
+        return []
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         problems.append(f"{at}.grid: must map each parameter to a non-empty list of values")
         return []

@@ -81,6 +81,19 @@ def warn_if_penalty_is_normalised_away(config: RunConfig, optimizer: str) -> Non
             "optimizer: sgd (see docs/methods.md)", UserWarning, stacklevel=3)
 
 
+def warn_if_optimizer_is_replaced(config: RunConfig, required: str | None, optimizer: str) -> None:
+    """FedNova and SCAFFOLD train with SGD whatever the run says, at the run's learning rate.
+
+    A rate chosen for Adam (1e-3) then barely moves SGD, and the method looks useless. Sweeps
+    refuse such an arm (experiments/plan.py); a single run warns, naming the fix.
+    """
+    if required and required != optimizer:
+        warnings.warn(
+            f"{config.method} trains with local {required}, not the configured {optimizer!r}, at lr "
+            f"{config.lr if config.lr is not None else 'the task default'}; set optimizer: {required} "
+            f"and a learning rate chosen for {required}", UserWarning, stacklevel=3)
+
+
 def build_sites(setup: RunSetup) -> list[SiteRunner]:
     """One SiteRunner per site; the fairness attribute must exist in the sites' data."""
     config = setup.config
@@ -134,6 +147,7 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
         device=str(sites[0].placement.device), precision=sites[0].placement.precision, force=force)
     made(rundir)
     warn_if_penalty_is_normalised_away(config, setup.resolved.settings.optimizer)
+    warn_if_optimizer_is_replaced(config, algorithm.required_optimizer, setup.resolved.settings.optimizer)
     model = setup.build_model()
     global_state = float_state(model)
     server_state = algorithm.init_server_state(global_state, [s.name for s in sites])
