@@ -111,13 +111,18 @@ def register(app: typer.Typer) -> None:
             None, "--results",
             help="Committed summaries folder (e.g. results/NAME): each finished run's run.yaml, "
                  "metrics.jsonl and report.json go there; runs with a summary are not rerun."),
+        only: Optional[list[str]] = typer.Option(
+            None, "--only", help="Run only this method label's runs (repeatable); the rest stay planned."),
+        seed: Optional[list[int]] = typer.Option(
+            None, "--seed", help="Run only this seed's runs (repeatable), e.g. seed 0 of every "
+                                 "method first."),
     ) -> None:
         """Run a sweep (methods × grid × seeds); finished runs are skipped, so it resumes.
 
         With ``holdout: all`` in the file, every run is repeated once per site left out of
         training, and the model is audited on that site (leave one site out).
         """
-        from fedfair_med.experiments.sweep import SweepError, load_sweep, plan_status, run_sweep
+        from fedfair_med.experiments.sweep import SweepError, load_sweep, plan_status, run_sweep, select_runs
 
         try:
             plan = load_sweep(sweep_file)
@@ -125,21 +130,31 @@ def register(app: typer.Typer) -> None:
             _fail(str(err))
         target = out or Path("runs") / "sweeps" / plan.name
         status = plan_status(plan, target, results)
+        try:
+            selected = select_runs(plan, status.to_run, only, seed) if only or seed else status.to_run
+        except SweepError as err:
+            _fail(str(err))
         if dry_run:
             console.print(plan_table(plan, target, results))
             # typer.echo, not Rich: a long path must not wrap the summary over two lines.
             typer.echo(f"{status.total} runs planned in {target}: {len(status.finished)} already "
-                       f"finished, {len(status.to_run)} to run.")
+                       f"finished, {len(status.to_run)} to run"
+                       + (f", {len(selected)} of them selected." if len(selected) != len(status.to_run) else "."))
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             try:
                 result = run_sweep(plan, target, parallel=parallel,
-                                   progress=RichSweepProgress(progress), results=results)
+                                   progress=RichSweepProgress(progress), results=results,
+                                   only=only or None, seeds=seed or None)
             except SweepError as err:
                 _fail(str(err))
         typer.echo(f"ran {len(result.executed)} run(s), skipped {len(result.skipped)} "
                    "already finished")
+        if result.remaining:
+            typer.echo(f"{result.remaining} planned run(s) not selected (--only / --seed) remain; "
+                       "the comparison is written when every run has finished.")
+            return
         if "table.csv" in result.outputs:
             console.print(result_table(result.outputs["table.csv"]))
             typer.echo(result.outputs["table.md"].read_text().splitlines()[0])

@@ -372,3 +372,28 @@ def test_cli_dry_run_run_resume_and_errors(finished, tmp_path) -> None:
     assert result.exit_code == 1
     assert "methods.x.method: unknown method 'nope'" in result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_a_partial_sitting_runs_only_the_chosen_labels_and_seeds(finished, tmp_path) -> None:
+    """--only / --seed run part of the plan (the rest stays planned, the comparison waits); the
+    runs it made count as finished afterwards and give the full sweep's numbers."""
+    source, first_out, _ = finished
+    runner = CliRunner()
+    out = tmp_path / "out"
+    plan = ["sweep", source, "--out", str(out)]
+    dry = runner.invoke(_app(), [*plan, "--seed", "0", "--dry-run"])
+    assert "0 already finished, 6 to run, 3 of them selected." in dry.output, dry.output
+    first = runner.invoke(_app(), [*plan, "--only", "flexfair", "--seed", "1"])
+    assert first.exit_code == 0, first.output
+    assert "ran 2 run(s)" in first.output and "4 planned run(s) not selected" in first.output
+    made = sorted(p.parent.relative_to(out).as_posix() for p in (out / "runs").rglob("metrics.jsonl"))
+    assert made == ["runs/flexfair/lam=0.5/seed-1", "runs/flexfair/lam=3.0/seed-1"]
+    assert not (out / "runs.csv").exists() and not (out / "table.md").exists()
+    rest = runner.invoke(_app(), plan)
+    assert rest.exit_code == 0, rest.output
+    assert "ran 4 run(s), skipped 2 already finished" in rest.output
+    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), pd.read_csv(first_out / "runs.csv"))
+    for bad, message in ((["--only", "fedprox"], "no method label 'fedprox'"),
+                         (["--seed", "7"], "--seed: 7 not among the sweep's seeds")):
+        refused = runner.invoke(_app(), [*plan, *bad])
+        assert refused.exit_code == 1 and message in refused.output, refused.output

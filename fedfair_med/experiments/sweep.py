@@ -48,7 +48,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import yaml
 
@@ -58,7 +58,7 @@ from fedfair_med.experiments.plan import (  # re-exported: callers plan and run 
 )
 
 __all__ = ["PlannedRun", "Selection", "Sweep", "SweepError", "SweepResult", "is_finished",
-           "load_sweep", "plan_status", "point_name", "run_sweep", "stale_runs"]
+           "load_sweep", "plan_status", "point_name", "run_sweep", "select_runs", "stale_runs"]
 
 def _normalised(config: RunConfig) -> dict[str, Any]:
     return yaml.safe_load(yaml.safe_dump(config.to_dict()))
@@ -159,18 +159,41 @@ class SweepResult:
     executed: list[PlannedRun]
     skipped: list[PlannedRun]
     outputs: dict[str, Path] = field(default_factory=dict)
+    #: planned runs this call left out (``only`` / ``seeds``): the comparison waits for them
+    remaining: int = 0
+
+
+def select_runs(sweep: Sweep, runs: Sequence[PlannedRun], only: Sequence[str] | None = None,
+                seeds: Sequence[int] | None = None) -> list[PlannedRun]:
+    """The runs of the labels in ``only`` and the seeds in ``seeds`` (None: all), in plan order.
+
+    A sitting of a few runs can then do, say, seed 0 of every method first: a whole first
+    comparison sooner than the plan's method-by-method order gives one.
+    """
+    labels = list(sweep.methods)
+    unknown = [label for label in only or () if label not in labels]
+    if unknown:
+        raise SweepError(f"--only: no method label {', '.join(map(repr, unknown))} in the sweep; "
+                         f"its labels: {', '.join(labels)}")
+    strays = [seed for seed in seeds or () if seed not in sweep.seeds]
+    if strays:
+        raise SweepError(f"--seed: {', '.join(map(str, strays))} not among the sweep's seeds "
+                         f"{sweep.seeds}")
+    return [r for r in runs if (not only or r.label in only) and (seeds is None or r.seed in seeds)]
 
 
 def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
               progress: SweepProgress | None = None, analyse: bool = True,
-              results: str | Path | None = None) -> SweepResult:
+              results: str | Path | None = None, only: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None) -> SweepResult:
     """Run every unfinished run of ``sweep`` into ``out``, then write the comparison outputs.
 
     Runs are independent, so a failing run does not stop the others; failures are raised
     together at the end (their directories stay unfinished and are retried next time).
     With ``results``, each finished run's summary is written there as it finishes (and any
     finished run in ``out`` still missing one is backfilled), runs with a summary are skipped,
-    and the comparison is computed from the summaries.
+    and the comparison is computed from the summaries. ``only`` (labels) and ``seeds`` run a
+    part of the plan (:func:`select_runs`); the comparison is written once every run is finished.
     """
     import torch
 
@@ -189,6 +212,7 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                 f"than the sweep file now gives (e.g. {listed}); use a new --out / --results or "
                 "delete them")
     status = plan_status(sweep, out, results)
+    selected = select_runs(sweep, status.to_run, only, seeds) if only or seeds is not None else None
     progress.planned(status.total, len(status.finished))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(_describe(sweep), sort_keys=False))
@@ -208,11 +232,12 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                 keep_summary(run)
 
     failures: list[tuple[PlannedRun, BaseException]] = []
+    to_run = status.to_run if selected is None else selected
     if parallel == 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            for run in status.to_run:
+            for run in to_run:
                 progress.run_started(run)
                 ok = True
                 try:
@@ -224,12 +249,12 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
                 progress.run_finished(run, ok=ok)
         finally:
             torch.set_num_threads(threads)
-    elif status.to_run:
+    elif to_run:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=parallel, mp_context=context,
                                  initializer=_init_worker) as pool:
             pending: dict[Future, PlannedRun] = {}
-            queue = list(status.to_run)
+            queue = list(to_run)
             while queue or pending:
                 while queue and len(pending) < parallel:
                     run = queue.pop(0)
@@ -262,7 +287,10 @@ def run_sweep(sweep: Sweep, out: str | Path, parallel: int = 1,
         lines = [f"{r.relpath}: {type(e).__name__}: {e}" for r, e in failures]
         raise SweepError(f"{len(failures)} run(s) failed (rerun the sweep to retry them):\n  "
                          + "\n  ".join(lines))
-    result = SweepResult(out=out, executed=status.to_run, skipped=status.finished)
+    result = SweepResult(out=out, executed=to_run, skipped=status.finished,
+                         remaining=len(status.to_run) - len(to_run))
+    if result.remaining:  # a partial sitting: the comparison needs every run
+        return result
     if analyse and sweep.holdout:
         from fedfair_med.experiments.holdout import write_holdout_outputs
 
