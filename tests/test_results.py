@@ -28,7 +28,7 @@ from fedfair_med.experiments.results import (
     top_k_protocol,
     update_doc,
 )
-from fedfair_med.experiments.sweep import load_sweep, run_sweep
+from fedfair_med.experiments.sweep import Selection, SweepError, load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,3 +216,15 @@ def test_classification_study_shows_auc_calibration_and_decision_gaps(tmp_path: 
     assert "| method | setting | ROC AUC | ECE | DP:AGE_BAND gap on decisions | AUC age_band=<=60 | AUC age_band=>60 |" in text
     assert "| flexfair | default | 0.555 | 0.100 | 0.350 | 0.550 | — |" in text
     assert "| fedavg | default | 0.805 | 0.100 | 0.350 | 0.800 | — |" in text
+
+
+def test_a_study_whose_reference_has_not_run_yet_renders_without_p_values(constructed: Path):
+    """A sweep done in sittings (seed 0 of FedAvg first) must render before FlexFair has run."""
+    shutil.rmtree(constructed / "flexfair")
+    text = render_section(constructed.parent)
+    assert "2 of 6 planned runs finished" in text
+    assert "| fedavg | default | 2 | 0.550 ± 0.071 | 0.200 ± 0.000 | — | — |" in text
+    assert "No p-values yet: no run of the reference `flexfair` has finished." in text
+    with pytest.raises(SweepError, match="reference 'flexfair' has no selected setting"):
+        runs = load_runs(load_study(constructed).sweep, constructed, summaries=True)
+        paper_table(runs, select_settings(runs, Selection()), "ea", "flexfair")

@@ -164,16 +164,21 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float(ttest_ind(x, y, equal_var=False).pvalue)
 
 
-def paper_table(runs: pd.DataFrame, chosen: pd.DataFrame, gap: str, reference: str) -> pd.DataFrame:
-    """Each method at its chosen setting: test mean ± std over seeds and p vs ``reference``."""
+def paper_table(runs: pd.DataFrame, chosen: pd.DataFrame, gap: str, reference: str, *,
+                require_reference: bool = True) -> pd.DataFrame:
+    """Each method at its chosen setting: test mean ± std over seeds and p vs ``reference``.
+
+    A study still running may have no finished ``reference`` run yet: with
+    ``require_reference=False`` its table then has no p-values instead of failing.
+    """
     def values(label: str, point: str, column: str) -> np.ndarray:
         part = runs[(runs["label"] == label) & (runs["point"] == point)]
         return part[column].to_numpy(dtype=float)
 
     ref = chosen[chosen["label"] == reference]
-    if ref.empty:
+    if ref.empty and require_reference:
         raise SweepError(f"reference {reference!r} has no selected setting")
-    ref_point = ref.iloc[0]["point"]
+    ref_point = None if ref.empty else ref.iloc[0]["point"]
     rows = []
     for _, row in chosen.iterrows():
         metric = values(row["label"], row["point"], "test_metric")
@@ -186,8 +191,10 @@ def paper_table(runs: pd.DataFrame, chosen: pd.DataFrame, gap: str, reference: s
             "metric_std": float(np.nanstd(metric, ddof=1)) if len(metric) > 1 else NAN,
             "gap_mean": float(np.nanmean(gaps)),
             "gap_std": float(np.nanstd(gaps, ddof=1)) if len(gaps) > 1 else NAN,
-            "p_metric": NAN if is_ref else welch_p(metric, values(reference, ref_point, "test_metric")),
-            "p_gap": NAN if is_ref else welch_p(gaps, values(reference, ref_point, f"test_{gap}")),
+            "p_metric": NAN if is_ref or ref_point is None
+            else welch_p(metric, values(reference, ref_point, "test_metric")),
+            "p_gap": NAN if is_ref or ref_point is None
+            else welch_p(gaps, values(reference, ref_point, f"test_{gap}")),
             "val_score": float(row["val_score"]),
             "reference": bool(is_ref),
         })

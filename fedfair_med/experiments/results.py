@@ -280,10 +280,12 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     runs = load_runs(sweep, study.path, summaries=True)
     metric_name = str(runs["metric_name"].iloc[0])
     chosen = select_settings(runs, sweep.selection)
-    table = paper_table(runs, chosen, gap, sweep.reference)
+    table = paper_table(runs, chosen, gap, sweep.reference, require_reference=False)
     lines += ["**(a) Primary protocol** (validation-selected setting, last-round test numbers).", "",
               table_markdown(table, caption(sweep.selection, len(sweep.seeds), metric_name,
                                             sweep.reference), metric_name, gap).rstrip(), ""]
+    if not table["reference"].any():
+        lines += [f"No p-values yet: no run of the reference `{sweep.reference}` has finished.", ""]
     if sweep.kind == CLASSIFICATION:
         lines += quality_lines(study, chosen, gap)
     top = top_k_protocol(load_rounds(study), gap, k)
