@@ -228,3 +228,59 @@ def test_a_study_whose_reference_has_not_run_yet_renders_without_p_values(constr
     with pytest.raises(SweepError, match="reference 'flexfair' has no selected setting"):
         runs = load_runs(load_study(constructed).sweep, constructed, summaries=True)
         paper_table(runs, select_settings(runs, Selection()), "ea", "flexfair")
+
+
+# ---- the paper's numbers beside ours -------------------------------------------------------------
+def _paper_markdown_rows(text: str, heading: str) -> list[list[str]]:
+    block = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_the_papers_numbers_are_those_of_the_shared_tables():
+    """Every number kept in fedfair_med.experiments.paper is the one printed in the paper's tables."""
+    from fedfair_med.experiments.paper import PAPER, parse_pm
+
+    tables = REPO.parent / "shared" / "paper" / "flexfair-tables.md"
+    if not tables.is_file():
+        pytest.skip("../shared/paper is not beside this checkout")
+    text = tables.read_text(encoding="utf-8")
+    table1 = _paper_markdown_rows(text, "## Table 1")
+    for offset, task in ((1, "polyp"), (4, "fundus"), (7, "mri")):
+        column = PAPER[(task, "ea", "site")]
+        assert {row[0]: (row[offset], row[offset + 1]) for row in table1} == dict(column.rows)
+    table2 = _paper_markdown_rows(text, "## Table 2")
+    for offset, key in ((1, ("dp", "age_band")), (3, ("eo", "age_band")), (5, ("dp", "sex")), (7, ("eo", "sex"))):
+        column = PAPER[("skin", *key)]
+        assert {row[0]: (row[offset], row[offset + 1]) for row in table2} == dict(column.rows)
+    assert parse_pm(PAPER[("polyp", "ea", "site")].rows["FlexFair"][0]) == (0.885, 0.004)
+
+
+def test_a_polyp_study_shows_the_papers_row_beside_each_arm(tmp_path: Path):
+    root = tmp_path / "results" / "polyp"
+    root.mkdir(parents=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "polyp", "base": {"task": "polyp", "criterion": "ea", "attribute": "site", "rounds": 2,
+                                  "data": {"image_size": [128, 128]}},
+        "seeds": [0, 1], "reference": "flexfair",
+        "methods": {"fedavg-sgd": {"method": "fedavg"}, "dynamicfl": {"method": "dynamicfl"},
+                    "flexfair": {"method": "flexfair"}},
+        "select": {"metric_weight": 1.0, "gap_weight": 1.0, "gap": "ea"}}))
+    for label, method, lasts in (("fedavg-sgd", "fedavg", (0.6, 0.8)), ("dynamicfl", "dynamicfl", (0.5, 0.5)),
+                                 ("flexfair", "flexfair", (0.7, 0.7))):
+        for seed, last in enumerate(lasts):
+            _summary(root, label, method, "default", {}, seed,
+                     [_record(1, 0.1, 0.3, 0.2, 0.3), _record(2, last, 0.05, 0.6, 0.1)])
+    text = render_section(root.parent)
+    assert "**Beside the paper** (Table 1 (segmentation, EA over sites), polyp;" in text
+    # the SGD arm of FedAvg sits beside the paper's FedAvg. (b): both records per seed (fewer than
+    # 20), seed means 0.35 and 0.45; (a): the last round, 0.6 and 0.8
+    assert ("| fedavg-sgd | FedAvg | 0.867 ± 0.009 | 0.012 ± 0.009 | 0.400 ± 0.071 | 0.175 ± 0.000 "
+            "| 0.700 ± 0.141 | 0.050 ± 0.000 | 2 |") in text
+    assert "| dynamicfl | — (not in the paper) | — | — |" in text
+    assert "| flexfair | FlexFair | 0.885 ± 0.004 | 0.009 ± 0.007 |" in text
+    assert "* Image size: ours 128×128" in text and "CVC-300 (550 train / 60 test)" in text
+
+
+def test_a_study_without_a_counterpart_in_the_paper_has_no_paper_table(constructed: Path):
+    assert "Beside the paper" not in render_section(constructed.parent)  # synthetic task

@@ -303,9 +303,53 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
         lines += [f"Fewer than {k} records per seed for {', '.join(short)}: every record is used, "
                   "early rounds included, so (b) can fall below (a) there, and methods with "
                   "different record counts are not comparable under (b).", ""]
+    lines += beside_the_paper(study, table, top, metric_name)
     if plot_link:
         lines += [f"![{study.name} Pareto plot]({plot_link})", ""]
     return "\n".join(lines) + "\n"
+
+
+def beside_the_paper(study: Study, primary: pd.DataFrame, top: pd.DataFrame,
+                     metric_name: str) -> list[str]:
+    """The paper's row beside each arm's protocol (b) and (a) numbers, and what differs.
+
+    Nothing when the study's task and criterion have no counterpart in the paper.
+    """
+    from fedfair_med.experiments.paper import PAPER_METHOD, paper_column
+
+    base = study.sweep.base
+    column = paper_column(base.get("task", ""), base.get("criterion", "ea"), base.get("attribute", "site"))
+    if column is None:
+        return []
+    ours_a = primary.set_index("label")
+    gap = study.sweep.selection.gap.upper()
+    lines = [f"**Beside the paper** ({column.source}; Xing et al. 2025, mean ± std over 5 seeds of "
+             f"the top 20 test results per seed, i.e. protocol (b)). Ours: (b) as above, and (a), "
+             f"over the seeds finished here.", "",
+             f"| ours | paper's method | paper {column.metric} ↑ | paper {column.gap} ↓ | "
+             f"ours (b) {metric_name} | ours (b) {gap} | ours (a) {metric_name} | ours (a) {gap} | seeds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, r in top.iterrows():
+        label = str(r["label"])
+        method = str((study.sweep.methods.get(label) or {}).get("method", label))
+        name = PAPER_METHOD.get(method)
+        paper = column.rows.get(name) if name else None
+        a = ours_a.loc[label] if label in ours_a.index else None
+        lines.append(
+            f"| {label} | {name or '— (not in the paper)'} | {paper[0] if paper else '—'} | "
+            f"{paper[1] if paper else '—'} | {_pm(r['metric_mean'], r['metric_std'])} | "
+            f"{_pm(r['gap_mean'], r['gap_std'])} | "
+            f"{_pm(a['metric_mean'], a['metric_std']) if a is not None else '—'} | "
+            f"{_pm(a['gap_mean'], a['gap_std']) if a is not None else '—'} | {r['n']} |")
+    image = base.get("image_size") or (base.get("data") or {}).get("image_size")
+    size = "×".join(str(v) for v in image) if image else "the task default"
+    lines += ["", "What differs:", ""]
+    lines += [f"* {fact}" for fact in column.differs]
+    lines += [f"* Image size: ours {size}; the paper's is not in its tables.",
+              f"* Budget: ours {base.get('rounds', '?')} rounds × {base.get('epochs', 1)} local "
+              f"epoch(s); the paper's is not in its tables.",
+              "* Seeds: the paper's 5; ours as the seeds column says.", ""]
+    return lines
 
 
 def quality_lines(study: Study, chosen: pd.DataFrame, gap: str) -> list[str]:
