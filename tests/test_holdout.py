@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import typer
@@ -276,3 +277,13 @@ def test_fold_table_known_answer_seeds_intervals_and_classification_quality(tmp_
     assert "| hospital-a | fedavg | default | 40 | 0.500 | 0.700 |" in page
     assert "| hospital-a | fedavg | default | 0.700 | 0.100 | 0.300 |" in page  # AUC, ECE, decisions
     assert "**Not finished (not counted above):** `fedavg/holdout=site-b/seed-1`." in page
+
+
+def test_fold_table_without_gaps_has_as_many_header_cells_as_columns() -> None:
+    """Sites with no sex or age (the derived MRI) have no held-out gap: no empty header cell."""
+    frame = pd.DataFrame([{"fold": "a", "label": "fedavg", "point": "default", "site": "mri-site-a",
+                           "metric_name": "dice", "federation_metric": 0.7, "heldout_metric": 0.8,
+                           "heldout_lo": 0.75, "heldout_hi": 0.85, "drop": 0.1}])
+    header, rule, row = holdout_module.holdout_tables(frame)[:3]
+    assert header.count("|") == rule.count("|") == row.count("|") == 8
+    assert header.endswith("| held-out − federation |")

@@ -176,10 +176,10 @@ def holdout_tables(frame: pd.DataFrame) -> list[str]:
     groups = [c for c in frame.columns if c.startswith(("group_", "auc_"))]
     keys = ["fold", "label", "point"]
     order = list(dict.fromkeys(zip(frame["fold"], frame["label"], frame["point"])))
-    lines = [f"| held-out site | method | setting | seeds | test {metric} in the federation "
-             f"| {metric} on the held-out site | held-out − federation | "
-             + " | ".join(f"{g.upper()} gap (held-out) ↓" for g in gaps) + " |",
-             "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(gaps)]
+    header = ["held-out site", "method", "setting", "seeds", f"test {metric} in the federation",
+              f"{metric} on the held-out site", "held-out − federation",
+              *(f"{g.upper()} gap (held-out) ↓" for g in gaps)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(gaps)]
     grouped = {key: part for key, part in frame.groupby(keys, sort=False)}
     for key in order:
         part = grouped[key]
