@@ -25,6 +25,7 @@ from fedfair_med.experiments.results import (
     load_study,
     render_section,
     split_doc,
+    study_markdown,
     top_k_protocol,
     update_doc,
 )
@@ -284,3 +285,13 @@ def test_a_polyp_study_shows_the_papers_row_beside_each_arm(tmp_path: Path):
 
 def test_a_study_without_a_counterpart_in_the_paper_has_no_paper_table(constructed: Path):
     assert "Beside the paper" not in render_section(constructed.parent)  # synthetic task
+
+
+def test_protocol_b_says_when_methods_pick_from_pools_of_different_sizes(constructed: Path):
+    """FlexFair's two settings give it 4 records per seed, FedAvg 2: under (b) the larger grid
+    is favoured whatever it does, and the page must say so (even when no method is short)."""
+    text = study_markdown(load_study(constructed), k=2)
+    assert "Fewer than 2 records" not in text
+    assert "pools of 2 to 4 test records per seed" in text
+    shutil.rmtree(constructed / "flexfair")
+    assert "pools of" not in study_markdown(load_study(constructed), k=2)

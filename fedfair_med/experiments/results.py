@@ -215,6 +215,16 @@ def load_rounds(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def records_per_seed(rounds: pd.DataFrame) -> dict[str, int]:
+    """Per method label, how many evaluated test records (rounds × settings) one seed has:
+    the pool protocol (b) picks its top k from."""
+    rounds = rounds[rounds["test_metric"].notna()] if not rounds.empty else rounds
+    if rounds.empty:
+        return {}
+    per_seed = rounds.groupby(["label", "seed"]).size().groupby(level="label").max()
+    return {str(label): int(n) for label, n in per_seed.items()}
+
+
 def top_k_protocol(rounds: pd.DataFrame, gap: str, k: int = TOP_K) -> pd.DataFrame:
     """Protocol (b): per label, mean ± std over seeds of each seed's top-``k`` test records.
 
@@ -288,7 +298,8 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
         lines += [f"No p-values yet: no run of the reference `{sweep.reference}` has finished.", ""]
     if sweep.kind == CLASSIFICATION:
         lines += quality_lines(study, chosen, gap)
-    top = top_k_protocol(load_rounds(study), gap, k)
+    rounds = load_rounds(study)
+    top = top_k_protocol(rounds, gap, k)
     lines += [f"**(b) The paper's protocol** (selects on the test split: for each seed the top "
               f"{k} test results over every round and setting of the method, ranked by test "
               f"{metric_name}; mean ± std over seeds of their mean).", "",
@@ -303,6 +314,11 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
         lines += [f"Fewer than {k} records per seed for {', '.join(short)}: every record is used, "
                   "early rounds included, so (b) can fall below (a) there, and methods with "
                   "different record counts are not comparable under (b).", ""]
+    pools = sorted(set(records_per_seed(rounds).values()))
+    if len(pools) > 1:
+        lines += [f"Methods draw their top {k} from pools of {' to '.join(map(str, (pools[0], pools[-1])))} "
+                  "test records per seed (rounds × settings): a method with a larger grid picks from "
+                  "more, so under (b) it is favoured whatever it does; compare methods under (a).", ""]
     lines += beside_the_paper(study, table, top, metric_name)
     if plot_link:
         lines += [f"![{study.name} Pareto plot]({plot_link})", ""]
