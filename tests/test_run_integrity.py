@@ -76,8 +76,11 @@ def test_interrupted_simulate_over_a_run_leaves_the_old_run_whole(tmp_path, sig,
     config.write_text(yaml.safe_dump({"task": "synthetic-seg", "method": "flexfair",
                                       "method_params": {"lam": 2.0}, "seed": 1, "rounds": 60,
                                       **TINY}))
+    # A suite started in the background inherits SIGINT ignored (POSIX shells do that to '&'
+    # jobs), and Python then installs no Ctrl-C handler: give the child the default disposition.
     proc = subprocess.Popen([*CLI, "simulate", str(config), "--out", str(target), "--force"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         staged = _staging(target)
