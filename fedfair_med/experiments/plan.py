@@ -360,13 +360,13 @@ def _expand_entry(label: str, entry: Any, base: dict[str, Any], seeds: Sequence[
     if problems:
         return []
     base = {**base, **settings}
-    required = registry[method].required_optimizer
-    if required and _effective_optimizer(base) not in (None, required):
+    required, optimizer = registry[method].required_optimizer, _effective_optimizer(base)
+    if required and optimizer not in (None, required):
         # The method swaps the optimiser but keeps the rate, so the arm would run, say, SGD at a
         # rate tuned for Adam and barely learn: a comparison that says nothing about the method.
         problems.append(
             f"{at}: {method} trains with local {required} whatever 'optimizer' says, but this arm's "
-            f"optimizer is {_effective_optimizer(base)!r}; set optimizer: {required} with a "
+            f"optimizer is {optimizer!r}; set optimizer: {required} with a "
             f"learning rate chosen for {required} (in base, or in this entry's settings)")
         return []
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
