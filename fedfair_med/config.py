@@ -40,6 +40,8 @@ class RunConfig:
     lr_final: float | None = None
     optimizer: str | None = None
     momentum: float | None = None
+    #: Each site's optimiser state across rounds: reset (fresh every round) or keep (resumed).
+    optimizer_state: str = "reset"
     batch_size: int | None = None
     max_steps: int | None = None
     network: str | None = None
@@ -86,6 +88,9 @@ class RunConfig:
             problems.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if self.optimizer is not None and self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer: use 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.optimizer_state not in ("reset", "keep"):
+            problems.append(f"optimizer_state: use 'reset' (a fresh optimiser every round) or "
+                            f"'keep' (each site resumes its own), got {self.optimizer_state!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             problems.append(f"seed: must be an integer, got {self.seed!r}")
         try:
@@ -96,6 +101,10 @@ class RunConfig:
         if self.task in TASKS:
             problems.extend(self._task_problems())
         problems.extend(self._device_problems())
+        if (self.optimizer_state == "keep" and self.method in REGISTRY
+                and not REGISTRY[self.method].allows_kept_optimizer_state):
+            problems.append(f"optimizer_state: {self.method} needs a fresh optimiser every round "
+                            "(its algebra assumes the local state starts at zero); use 'reset'")
         if not problems and self.method in REGISTRY:
             try:
                 REGISTRY[self.method](**self.method_params)
@@ -117,7 +126,7 @@ class RunConfig:
             "name": (str, False), "task": (str, False), "method": (str, False),
             "criterion": (str, False), "attribute": (str, False), "runtime": (str, False),
             "method_params": (dict, False), "network_kwargs": (dict, False), "data": (dict, False),
-            "privacy": (dict, False), "optimizer": (str, True), "network": (str, True),
+            "privacy": (dict, False), "optimizer": (str, True), "optimizer_state": (str, False), "network": (str, True),
         }
         problems = []
         for key, (kind, optional) in checks.items():

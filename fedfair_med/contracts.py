@@ -111,6 +111,11 @@ class LocalSettings:
     #: ``lr_final`` in the last; None keeps ``lr`` constant. Late rounds then take small steps,
     #: which limits client drift where a constant rate leaves the global model oscillating.
     lr_final: float | None = None
+    #: "reset": a fresh optimiser every round (the usual FedAvg client). "keep": the site keeps
+    #: its optimiser's state (Adam's moments, SGD's momentum) from its last round and resumes
+    #: from it; the state never leaves the site. Adam restarted every round re-learns its
+    #: step sizes from zero each time, which on skin costs far more than the averaging does.
+    optimizer_state: str = "reset"
 
     def for_round(self, round_index: int, rounds: int) -> "LocalSettings":
         """These settings with the learning rate of round ``round_index`` (1-based) of ``rounds``."""

@@ -399,7 +399,12 @@ def assert_report_has_the_pooled_poisson_bootstrap(ws: Path) -> None:
 
 
 def test_flexfair_federation_equals_simulation(tmp_path: Path) -> None:
-    ws = make_federation(tmp_path, "flexfair-ea", {**TINY, "method_params": {"lam": 2.0}})
+    """Also with each site keeping its optimiser state: equal numbers over two rounds need every
+    collaborator to resume its own momentum buffers, as the simulation's sites do."""
+    ws = make_federation(tmp_path, "flexfair-ea",
+                         {**TINY, "method_params": {"lam": 2.0}, "optimizer_state": "keep"})
+    plan = yaml.safe_load((ws / "plan/plan.yaml").read_text())
+    assert plan["fedfair"]["settings"]["spec"]["run"]["optimizer_state"] == "keep"
     run_federation(tmp_path, ws)
     assert_same_numbers(ws, tmp_path)
     assert_report_has_the_pooled_poisson_bootstrap(ws)

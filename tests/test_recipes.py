@@ -118,7 +118,7 @@ def test_collect_run_refuses_a_folder_that_is_not_a_run(tmp_path: Path, make: st
 
 
 def _summary(root: Path, name: str, task: str, primary: str, rounds: int, records: list[dict],
-             status: dict) -> None:
+             status: dict, local: dict | None = None) -> None:
     folder = root / "recipes" / name
     folder.mkdir(parents=True)
     (folder / "run.yaml").write_text(yaml.safe_dump({
@@ -126,8 +126,8 @@ def _summary(root: Path, name: str, task: str, primary: str, rounds: int, record
         "network_kwargs": {"channels": [16, 32]}, "data": {"image_size": [256, 256]},
         "resolved": {"kind": "segmentation" if primary == "dice" else "classification",
                      "primary_metric": primary, "sites": list(SITES), "rounds": rounds,
-                     "batch_size": 4, "local": {"epochs": 2, "lr": 0.05, "optimizer": "sgd",
-                                                "momentum": 0.9}}}))
+                     "batch_size": 4, "local": local or {"epochs": 2, "lr": 0.05, "optimizer": "sgd",
+                                                         "momentum": 0.9}}}))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "status.json").write_text(json.dumps(status))
 
@@ -143,7 +143,8 @@ def test_recipes_section_rows_statuses_and_bars(tmp_path: Path):
              {"status": "incomplete", "rounds_done": 2, "rounds_planned": 30})
     # Skin, incomplete: the round record holds an AUC above its bar but no balanced accuracy.
     _summary(root, "skin-a", "skin", "accuracy", 6, [_round(1, 0.8, 0.8, auc=0.85)],
-             {"status": "incomplete", "rounds_done": 1, "rounds_planned": 6})
+             {"status": "incomplete", "rounds_done": 1, "rounds_planned": 6},
+             local={"epochs": 1, "lr": 0.001, "optimizer": "adam", "optimizer_state": "keep"})
     text = render_section(root, plots_link="plots")
     assert "* `fundus-256` (fundus, round 3, complete): **reached** — Dice 0.720 ≥ 0.70." in text
     assert ("* `polyp-128` (polyp, round 2, incomplete: 2 of 30 rounds): **not reached** — "
@@ -161,6 +162,8 @@ def test_recipes_section_rows_statuses_and_bars(tmp_path: Path):
     assert "![fundus-256 learning curve](plots/recipe-fundus-256.png)" in fundus
     skin = text[text.index("#### Recipe `skin-a`"):]
     assert "| test AUC |" in skin and "| 0.850 |" in skin
+    assert "optimiser adam, each site's state kept across rounds, lr 0.001" in skin
+    assert "state kept" not in fundus
     assert "#### Recipe `polyp-128` (incomplete: 2 of 30 rounds)" in text
 
 

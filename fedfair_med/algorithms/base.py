@@ -90,6 +90,8 @@ class Algorithm:
     name = "base"
     #: Local optimiser this method requires, or None to use the task's default.
     required_optimizer: str | None = None
+    #: False where the method's algebra assumes each round's optimiser starts from zero state.
+    allows_kept_optimizer_state: bool = True
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.param_defaults())
@@ -238,6 +240,9 @@ class Algorithm:
         work_model = self.prepare_model(model, ctx)
         work_model.train()
         optimizer = self.make_optimizer(work_model, ctx.settings)
+        own_optimizer = optimizer  # the one whose state a site keeps (DP-SGD wraps it below)
+        if ctx.settings.optimizer_state == "keep":
+            restore_optimizer_state(own_optimizer, site_state)
         loader = ctx.loader
         if ctx.private_training is not None:
             work_model, optimizer, loader = ctx.private_training.attach(work_model, optimizer, loader)
@@ -289,6 +294,8 @@ class Algorithm:
                 break
         if ctx.private_training is not None:
             work_model = ctx.private_training.detach(work_model)
+        if ctx.settings.optimizer_state == "keep":
+            keep_optimizer_state(own_optimizer, site_state)
         model = self.finish_model(work_model, ctx)
         extras = self.client_extras(ctx, start_state, model, steps, site_state)
         extras.setdefault("steps", torch.tensor(float(steps)))
@@ -306,6 +313,43 @@ def aggregate_round(algorithm: Algorithm, global_state: StateDict,
     for site in sorted(updates):
         aggregation.add(site, updates[site])
     return aggregation.result()
+
+
+#: Where a site keeps its optimiser's state between rounds (``ClientState.kept``, never sent).
+OPTIMIZER_STATE = "optimizer_state/"
+
+
+def keep_optimizer_state(optimizer: torch.optim.Optimizer, kept: StateDict) -> None:
+    """Store ``optimizer``'s per-parameter state (Adam's moments and step count, SGD's momentum
+    buffer) in the site's kept memory, replacing the previous round's."""
+    for key in [k for k in kept if k.startswith(OPTIMIZER_STATE)]:
+        del kept[key]
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            if value is None:  # SGD without momentum keeps no buffer
+                continue
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            kept[f"{OPTIMIZER_STATE}{index}/{name}"] = tensor.detach().clone()
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, kept: StateDict) -> None:
+    """Load the state :func:`keep_optimizer_state` stored, into a fresh optimiser over the same
+    parameters; its learning rate stays this round's. A first round (nothing kept) starts fresh."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in kept.items():
+        if key.startswith(OPTIMIZER_STATE):
+            index, name = key[len(OPTIMIZER_STATE):].split("/", 1)
+            state.setdefault(int(index), {})[name] = tensor.clone()
+    if not state:
+        return
+    saved = optimizer.state_dict()
+    known = {i for group in saved["param_groups"] for i in group["params"]}
+    if not set(state) <= known:
+        raise ValueError(
+            f"the kept optimiser state covers parameters {sorted(set(state) - known)} this "
+            "model does not have; optimizer_state: keep needs the same model every round"
+        )
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def num_examples(loader: Iterable[Mapping[str, Any]]) -> int:

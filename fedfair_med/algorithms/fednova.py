@@ -48,6 +48,8 @@ def momentum_normaliser(steps: int, rho: float) -> float:
 class FedNova(Algorithm):
     name = "fednova"
     required_optimizer = "sgd"
+    # a_i counts each round's momentum from a zero buffer; a buffer carried in would break it
+    allows_kept_optimizer_state = False
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:

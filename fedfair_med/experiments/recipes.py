@@ -202,6 +202,8 @@ def settings_line(config: Mapping[str, Any]) -> str:
     optimiser = local.get("optimizer", config.get("optimizer")) or "task default"
     if optimiser == "sgd" and local.get("momentum") is not None:
         optimiser += f" (momentum {local['momentum']})"
+    if local.get("optimizer_state", config.get("optimizer_state")) == "keep":
+        optimiser += ", each site's state kept across rounds"
     epochs = local.get("epochs", config.get("epochs"))
     parts = [f"task `{config.get('task', '?')}`", f"method `{config.get('method', '?')}`",
              f"seed {config.get('seed', '?')}",

@@ -52,6 +52,7 @@ def resolve(config: RunConfig, task: Task) -> Resolved:
         momentum=d.momentum if config.momentum is None else config.momentum,
         max_steps=config.max_steps,
         lr_final=None if config.lr_final is None else float(config.lr_final),
+        optimizer_state=config.optimizer_state,
     )
     return Resolved(rounds=config.rounds or d.rounds, batch_size=config.batch_size or d.batch_size,
                     settings=settings)
