@@ -7,6 +7,7 @@ the same configuration gives the same numbers wherever it runs.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import pandas as pd
@@ -49,6 +50,9 @@ class SiteRunner:
         #: this site's client-side memory (SCAFFOLD's c_i, FlexFair's own statistics, the round in
         #: progress), handed to the method in every SiteContext; the method instance holds none
         self.client_state = ClientState()
+        # the kept memory as the latest round found it: an OpenFL round the aggregator asks for
+        # again (it restarted after this site reported) must start from it, not from its result
+        self._kept_at_start: tuple[int, StateDict] | None = None
         # DP-SGD's accountant stays at the site across rounds; None when DP-SGD is off.
         self.dp_sgd = None
         if config.privacy.get("dp_sgd"):
@@ -97,12 +101,24 @@ class SiteRunner:
     def train(self, algorithm: Algorithm, model: nn.Module, global_state: StateDict,
               broadcast: StateDict, round_index: int,
               progress: Callable[[int], None] | None = None) -> ClientUpdate:
+        self._start_round_memory(round_index)
         ctx = self._context(round_index, shuffle=True)
         if self.dp_sgd is not None:
             ctx.private_training = self.dp_sgd.session(
                 noise_seed=derive_seed(self.config.seed, round_index, self.site_index, "dp-sgd-noise"),
                 sampling_seed=derive_seed(self.config.seed, round_index, self.site_index, "dp-sgd-batches"))
         return algorithm.client_update(ctx, model, global_state, broadcast, progress=progress)
+
+    def _start_round_memory(self, round_index: int) -> None:
+        """Snapshot the kept memory at a round's first training; on a repeat of that round, put
+        the snapshot back, so SCAFFOLD's c_i, FlexFair's statistics or a kept optimiser state are
+        not advanced twice and the redone round gives the same numbers."""
+        kept = self.client_state.kept
+        if self._kept_at_start is not None and self._kept_at_start[0] == round_index:
+            kept.clear()
+            kept.update(_copied(self._kept_at_start[1]))
+        else:
+            self._kept_at_start = (round_index, _copied(kept))
 
     def _split(self, split: str) -> GroupedDataset:
         if split == "test":
@@ -176,3 +192,8 @@ def _item(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item()
     return value
+
+
+def _copied(memory: StateDict) -> StateDict:
+    """A copy of a site's kept memory that later in-place changes cannot reach."""
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in memory.items()}
