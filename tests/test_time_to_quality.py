@@ -77,3 +77,48 @@ def test_quick_mode_writes_curves_threshold_and_ratios(tmp_path: Path) -> None:
     fed, pooled = result["time_to_threshold_s"]["fedavg"], result["time_to_threshold_s"]["pooled"]
     assert result["federated_over_pooled"] == (None if fed is None else pytest.approx(fed / pooled))
     assert result["targets"] == {"federated_over_pooled": 1.5, "flexfair_over_fedavg": 1.1}
+
+
+def _payload(fedavg_s: float | None, quick: bool = False) -> dict:
+    result = {
+        "task": "fundus", "sites": {"chase_db1": 16, "stare": 11}, "network": "unet",
+        "network_kwargs": {"channels": [16, 32]}, "image_size": [384, 384], "batch_size": 4,
+        "optimizer": "adam", "lr": 0.001, "local_epochs": 4, "steps_per_round": 28,
+        "pooled_eval_every_steps": 28, "split": "val", "metric": "dice", "flexfair_params": {},
+        "budgets": {"pooled_train_s": 300.0, "federated_rounds": 60, "federated_train_s": 420.0},
+        "pooled_best": 0.735, "fraction": 0.95, "threshold": 0.69825,
+        "time_to_threshold_s": {"pooled": 151.0, "fedavg": fedavg_s, "flexfair": 343.2},
+        "best": {"pooled": 0.735, "fedavg": 0.7221, "flexfair": 0.7205},
+        "federated_over_pooled": None if fedavg_s is None else fedavg_s / 151.0,
+        "flexfair_over_fedavg": None if fedavg_s is None else 343.2 / fedavg_s,
+        "targets": {"federated_over_pooled": 1.5, "flexfair_over_fedavg": 1.1},
+        "meets_target": {"federated_over_pooled": fedavg_s is not None and fedavg_s / 151.0 <= 1.5,
+                         "flexfair_over_fedavg": fedavg_s is not None and 343.2 / fedavg_s <= 1.1},
+    }
+    return {"benchmark": "time_to_quality", "quick": quick, "load_average_at_end": [2.0, 2.0, 2.0],
+            "machine": {"nproc": 2, "cpu_model": "Test CPU", "torch_threads": 2,
+                        "load_average_at_start": [1.0, 1.0, 1.0], "git_commit": "abc1234",
+                        "command": "python benchmarks/time_to_quality.py", "date_utc": "2026-12-01T21:44:11Z"},
+            "results": [result]}
+
+
+def test_the_results_page_table_is_made_from_the_committed_json(tmp_path: Path) -> None:
+    from fedfair_med.experiments.results import render_section
+
+    root = tmp_path / "results"
+    assert "Time to quality" not in render_section(root)  # no result committed: no section
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "benchmarks" / "time_to_quality.json").write_text(json.dumps(_payload(321.1)))
+    page = render_section(root)
+    assert "Generated from `results/benchmarks/time_to_quality.json`" in page
+    assert "| side | best val Dice | training s to 0.95 × 0.735 = 0.698 | ratio | goal |" in page
+    assert "| pooled plain loop | 0.735 | 151 |  |  |" in page
+    assert "| FedAvg | 0.722 | 321 | 2.13 × pooled | ≤ 1.5: **not met** |" in page
+    assert "| FlexFair | 0.721 | 343 | 1.07 × FedAvg | ≤ 1.1: met |" in page
+    assert "commit abc1234" in page and "FlexFair at its defaults" in page
+    assert "training images chase_db1 16 + stare 11" in page and "image 384×384" in page
+    # a side that never reached the target says so, and the goals are not met
+    (root / "benchmarks" / "time_to_quality.json").write_text(json.dumps(_payload(None, quick=True)))
+    page = render_section(root)
+    assert "| FedAvg | 0.722 | not reached |  | ≤ 1.5: **not met** |" in page
+    assert "A `--quick` run (tiny budgets): not a measurement of the goals." in page

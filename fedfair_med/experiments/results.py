@@ -413,7 +413,9 @@ def quality_lines(study: Study, chosen: pd.DataFrame, gap: str) -> list[str]:
 def render_section(root: Path, plots: Path | None = None, plots_link: str | None = None,
                    k: int = TOP_K) -> str:
     """The whole generated block (markers included): every study under ``root``, then the
-    recipe runs under ``root/recipes`` (:mod:`fedfair_med.experiments.recipes`).
+    recipe runs under ``root/recipes`` (:mod:`fedfair_med.experiments.recipes`) and the
+    time-to-quality benchmark's result under ``root/benchmarks``
+    (:mod:`fedfair_med.experiments.time_to_quality`).
 
     With ``plots``, each study's Pareto plot is (re)written there as ``<study>-pareto.png`` and
     linked as ``plots_link/<study>-pareto.png``; the text does not depend on the images.
@@ -465,6 +467,12 @@ def render_section(root: Path, plots: Path | None = None, plots_link: str | None
     parts.append(recipes_markdown(root / RECIPES_FOLDER, plots, plots_link,
                                   where=f"{root.resolve().name}/{RECIPES_FOLDER}").rstrip())
     parts.append("")
+    from fedfair_med.experiments.time_to_quality import result_path, time_to_quality_markdown
+
+    if result_path(root).exists():
+        where = result_path(Path(root.resolve().name)).as_posix()
+        parts.append(time_to_quality_markdown(result_path(root), where).rstrip())
+        parts.append("")
     parts.append(END)
     return "\n".join(parts) + "\n"
 
