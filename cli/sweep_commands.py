@@ -6,6 +6,7 @@ results page generated from them (:mod:`fedfair_med.experiments.results`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,6 +51,17 @@ class RichSweepProgress:
         self.progress.update(self.task_id, advance=1, description=self._describe())
 
 
+
+
+def cores_hint(parallel: int, runs_to_do: int, cores: int | None) -> str | None:
+    """A line when the sweep would leave cores idle: every run uses one torch thread (so its
+    numbers do not depend on --parallel), hence only --parallel uses a machine's other cores."""
+    if not cores or parallel >= cores or runs_to_do <= parallel:
+        return None
+    wanted = min(cores, runs_to_do)
+    return (f"each run uses one torch thread, so --parallel {parallel} uses {parallel} of this "
+            f"machine's {cores} cores; --parallel {wanted} runs {wanted} at once (about "
+            f"{wanted} × the memory of one run) with the same numbers.")
 
 
 def plan_table(sweep: Any, out: Path, results: Optional[Path] = None) -> Table:
@@ -104,7 +116,8 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out",
                                            help="Output folder (default runs/sweeps/NAME)."),
         parallel: int = typer.Option(1, "--parallel", min=1,
-                                     help="Runs at once, each in its own process (1 torch thread)."),
+                                     help="Runs at once, each in its own process with 1 torch thread (the numbers do "
+                                          "not depend on it): up to the number of cores."),
         dry_run: bool = typer.Option(False, "--dry-run",
                                      help="Print the plan and how much is already done; run nothing."),
         results: Optional[Path] = typer.Option(
@@ -134,13 +147,18 @@ def register(app: typer.Typer) -> None:
             selected = select_runs(plan, status.to_run, only, seed) if only or seed else status.to_run
         except SweepError as err:
             _fail(str(err))
+        hint = cores_hint(parallel, len(selected), os.cpu_count())
         if dry_run:
             console.print(plan_table(plan, target, results))
             # typer.echo, not Rich: a long path must not wrap the summary over two lines.
             typer.echo(f"{status.total} runs planned in {target}: {len(status.finished)} already "
                        f"finished, {len(status.to_run)} to run"
                        + (f", {len(selected)} of them selected." if len(selected) != len(status.to_run) else "."))
+            if hint:
+                typer.echo(hint)
             return
+        if hint:
+            typer.echo(hint)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             try:

@@ -374,6 +374,26 @@ def test_cli_dry_run_run_resume_and_errors(finished, tmp_path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_the_sweep_says_when_it_would_leave_cores_idle(finished, tmp_path, monkeypatch) -> None:
+    """One torch thread a run keeps numbers independent of --parallel, so a sweep at --parallel 1
+    on a 4-core machine says so (and what to pass); none when the cores are used or too few runs."""
+    from fedfair_med.cli.sweep_commands import cores_hint
+
+    assert cores_hint(1, 6, 4) == ("each run uses one torch thread, so --parallel 1 uses 1 of this "
+                                   "machine's 4 cores; --parallel 4 runs 4 at once (about 4 × the "
+                                   "memory of one run) with the same numbers.")
+    assert "--parallel 2 runs 2" in cores_hint(1, 2, 16)
+    assert cores_hint(4, 6, 4) is None and cores_hint(2, 2, 4) is None and cores_hint(1, 6, None) is None
+
+    source, _, _ = finished
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    plan = ["sweep", source, "--out", str(tmp_path / "out"), "--dry-run"]
+    dry = CliRunner().invoke(_app(), plan)
+    assert dry.exit_code == 0 and "uses 1 of this machine's 4 cores" in dry.output, dry.output
+    busy = CliRunner().invoke(_app(), [*plan, "--parallel", "4"])
+    assert busy.exit_code == 0 and "torch thread" not in busy.output, busy.output
+
+
 def test_a_partial_sitting_runs_only_the_chosen_labels_and_seeds(finished, tmp_path) -> None:
     """--only / --seed run part of the plan (the rest stays planned, the comparison waits); the
     runs it made count as finished afterwards and give the full sweep's numbers."""
