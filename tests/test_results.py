@@ -113,7 +113,7 @@ def test_primary_protocol_selects_on_validation_and_reports_last_round_test(cons
     assert text.startswith(BEGIN) and text.rstrip().endswith(END)
     assert "| flexfair | lam=1.0 | 2 | 0.550 ± 0.212 |" in text  # protocol (a)
     assert "| flexfair | 2 | 20 |" not in text and "| flexfair | 2 | 4 | 0." in text  # protocol (b)
-    assert "6 of 6 planned runs finished" in text
+    assert "6 of 6 planned runs finished" in text and "; last round; 2 seeds." in text
     # Two rounds × settings cannot fill a top 20: the page says so rather than imply a best-of-20.
     assert "Fewer than 20 records per seed for fedavg, flexfair" in text
 
@@ -125,6 +125,14 @@ def test_incomplete_summaries_are_not_counted(constructed: Path):
     study = load_study(constructed)
     assert (study.finished, study.planned) == (5, 6)
     assert "5 of 6 planned runs finished" in render_section(constructed.parent)
+
+
+def test_the_caption_counts_the_seeds_finished_not_those_planned(constructed: Path):
+    """After a sitting of seed 0 only, the table is n = 1 per row: its caption must not say 2 seeds."""
+    for seed_dir in list(constructed.rglob("seed-1")):
+        shutil.rmtree(seed_dir)
+    text = render_section(constructed.parent)
+    assert "; last round; 1 of 2 planned seeds so far." in text and "2 seeds." not in text
 
 
 def test_update_doc_replaces_only_the_generated_block(tmp_path: Path):

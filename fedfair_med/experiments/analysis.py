@@ -201,12 +201,18 @@ def paper_table(runs: pd.DataFrame, chosen: pd.DataFrame, gap: str, reference: s
     return pd.DataFrame(rows)
 
 
-def caption(selection: Selection, n_seeds: int, metric_name: str, reference: str) -> str:
-    """How the table's settings were chosen, in words (printed above the table)."""
+def caption(selection: Selection, n_seeds: int, metric_name: str, reference: str,
+            planned_seeds: int | None = None) -> str:
+    """How the table's settings were chosen, in words (printed above the table).
+
+    ``n_seeds``: the seeds with a finished run; ``planned_seeds`` (when more) says the rest wait.
+    """
     weight = "" if selection.metric_weight == 1 else f"{selection.metric_weight:g}·"
+    seeds = (f"{n_seeds} of {planned_seeds} planned seeds so far"
+             if planned_seeds is not None and planned_seeds > n_seeds else f"{n_seeds} seeds")
     return (f"Selected on validation: max {weight}mean val {metric_name} − "
             f"{selection.gap_weight:g}·mean val {selection.gap.upper()} gap; last round; "
-            f"{n_seeds} seeds. Test {metric_name} and {selection.gap.upper()} gap at the last round, "
+            f"{seeds}. Test {metric_name} and {selection.gap.upper()} gap at the last round, "
             f"mean ± std over seeds; p: two-sided Welch t-test against {reference} at its "
             f"selected setting.")
 

@@ -292,8 +292,9 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     chosen = select_settings(runs, sweep.selection)
     table = paper_table(runs, chosen, gap, sweep.reference, require_reference=False)
     lines += ["**(a) Primary protocol** (validation-selected setting, last-round test numbers).", "",
-              table_markdown(table, caption(sweep.selection, len(sweep.seeds), metric_name,
-                                            sweep.reference), metric_name, gap).rstrip(), ""]
+              table_markdown(table, caption(sweep.selection, int(runs["seed"].nunique()),
+                                            metric_name, sweep.reference,
+                                            planned_seeds=len(sweep.seeds)), metric_name, gap).rstrip(), ""]
     if not table["reference"].any():
         lines += [f"No p-values yet: no run of the reference `{sweep.reference}` has finished.", ""]
     if sweep.kind == CLASSIFICATION:
