@@ -47,6 +47,7 @@ TINY = "task: {task}\nmethod: fedavg\nrounds: 1\nmax_steps: 1\n"
                                                     "work for task synthetic-seg"),
     ("synthetic-seg", "network: resnet1000", "network: unknown network 'resnet1000'"),
     ("fundus", "data: {image_size: 4}", "image_size must be 2 sizes of at least 8"),
+    ("skin", "data: {augmentation: colour}", "augmentation must be one of full, geometric, none, got 'colour'"),
     ("mri", "data: {pixdim: [1, .inf, 1]}", "data: pixdim: must be finite numbers, got [1, inf, 1]"),
     ("skin", "data: {class_weights: [1, .nan]}", "data: class_weights: must be finite numbers"),
 ])
@@ -68,7 +69,9 @@ def test_the_network_check_accepts_what_the_tasks_ship_with() -> None:
                 {"task": "synthetic-seg", "network": "basicunet"},
                 {"task": "synthetic-cls", "network": "resnet18"},
                 {"task": "synthetic-seg", "data": {"scale": 0.25, "size": 16, "n_val": 0}},
-                {"task": "skin", "network": "small_cnn", "data": {"metadata_inputs": ["age", "sex"]}}):
+                {"task": "skin", "network": "small_cnn", "data": {"metadata_inputs": ["age", "sex"]}},
+                {"task": "mri", "data": {"augmentation": "none"}},
+                {"task": "skin", "data": {"augmentation": "geometric"}}):
         load_config(raw)
 
 

@@ -164,6 +164,53 @@ def test_polyp_training_augmentation_changes_colour_not_mask_values(tmp_path: Pa
     assert all(set(d["label"].unique().tolist()) <= {0.0, 1.0} for d in draws)
 
 
+def _flips_and_rotations(image: torch.Tensor) -> list[torch.Tensor]:
+    """The eight flips and right-angle rotations of an image's last two axes."""
+    turned = [torch.rot90(image, k, dims=(-2, -1)) for k in range(4)]
+    return turned + [torch.flip(t, dims=(-1,)) for t in turned]
+
+
+@realdata
+@pytest.mark.parametrize("task_class, manifests", [(PolypTask, polyp_manifests),
+                                                   (FundusTask, fundus_manifests),
+                                                   (SkinTask, skin_manifests)])
+def test_the_augmentation_option_keeps_colour_or_every_pixel(tmp_path: Path, task_class, manifests) -> None:
+    """``geometric`` only moves pixels (every draw is a flip/rotation of the evaluation image),
+    ``none`` gives the evaluation image itself, ``full`` (the default) also changes colours."""
+    draws: dict[str, list[torch.Tensor]] = {}
+    for option in ("full", "geometric", "none"):
+        task = task_class()
+        options = {} if option == "full" else {"augmentation": option}
+        site = task.load_federation(manifests=manifests(tmp_path / option), image_size=32, seed=3,
+                                    **options).sites[0]
+        plain = task.eval_transforms()(dict(site.train.data[0]))["image"]
+        draws[option] = [site.train[0]["image"] for _ in range(8)]
+        moved = _flips_and_rotations(plain)
+        in_place = [any(torch.equal(d, m) for m in moved) for d in draws[option]]
+        if option == "none":
+            assert all(torch.equal(d, plain) for d in draws[option])
+        elif option == "geometric":
+            assert all(in_place) and any(not torch.equal(d, plain) for d in draws[option])
+        else:
+            assert not all(in_place)
+
+
+@realdata
+def test_mri_augmentation_none_trains_on_the_volumes_own_slices(mri_manifests: list[Path]) -> None:
+    """MRI has no geometric augmentation: ``none`` and ``geometric`` leave a drawn slice as it
+    is in the harmonised volume, ``full`` changes its intensities."""
+    from monai.transforms import Compose
+
+    for option, unchanged in (("none", True), ("geometric", True), ("full", False)):
+        task = MRITask()
+        site = task.load_federation(manifests=mri_manifests, slices_per_volume=4, foreground_fraction=1.0,
+                                    augmentation=option, seed=1).sites[0]
+        volume = Compose(task.volume_transforms())(dict(site.train.base.data[0]))["image"].as_tensor()
+        slices = [volume[..., z].float() for z in range(volume.shape[-1])]
+        found = [any(torch.equal(site.train[0]["image"], s) for s in slices) for _ in range(4)]
+        assert all(found) if unchanged else not all(found), (option, found)
+
+
 @realdata
 def test_cached_dataset_gives_the_same_samples(tmp_path: Path) -> None:
     manifests = polyp_manifests(tmp_path)

@@ -20,7 +20,7 @@ from fedfair_med.contracts import SEGMENTATION
 from fedfair_med.tasks.base import TaskDefaults
 from fedfair_med.tasks.imaging import (
     FOV, IMAGE, LABEL, BinariseMaskd, EnsureChannelsd, FullMaskd, MaskedSegmentationTask,
-    colour_augmentation, finish, geometric_augmentation, load_rgb, resize_pair, to_unit_range,
+    finish, load_rgb, resize_pair, to_unit_range,
 )
 
 
@@ -43,8 +43,8 @@ class FundusTask(MaskedSegmentationTask):
         ]
 
     def train_transforms(self) -> Compose:
-        return Compose([*self._common(), *geometric_augmentation([IMAGE, LABEL, FOV]),
-                        *colour_augmentation(IMAGE), finish([IMAGE, LABEL, FOV])])
+        return Compose([*self._common(), *self.augmentations([IMAGE, LABEL, FOV]),
+                        finish([IMAGE, LABEL, FOV])])
 
     def eval_transforms(self) -> Compose:
         return Compose([*self._common(), finish([IMAGE, LABEL, FOV])])

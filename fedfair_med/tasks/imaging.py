@@ -256,6 +256,10 @@ def resize_pair(image_keys: Sequence[str], mask_keys: Sequence[str], size: Seque
     return out
 
 
+#: Values of the ``augmentation`` data option (:meth:`ImagingTask.augmentations`).
+AUGMENTATIONS = ("full", "geometric", "none")
+
+
 def geometric_augmentation(keys: Sequence[str]) -> list[MapTransform]:
     """Flips and right-angle rotations applied identically to the image and its masks."""
     keys = list(keys)
@@ -322,12 +326,19 @@ class ImagingTask(Task):
 
     def __init__(self) -> None:
         self.image_size: tuple[int, ...] = tuple(self.defaults.image_size)
+        self.augmentation = "full"
 
     # ---- options ----------------------------------------------------------------------------
-    def configure(self, image_size: Sequence[int] | int | None = None, **options: Any) -> None:
+    def configure(self, image_size: Sequence[int] | int | None = None,
+                  augmentation: str | None = None, **options: Any) -> None:
         """Apply data options from ``config.data``; unknown options are a clear error."""
         if options:
             raise ValueError(f"task {self.name!r}: unknown data option(s) {sorted(options)}")
+        if augmentation is not None:
+            if augmentation not in AUGMENTATIONS:
+                raise ValueError(f"task {self.name!r}: augmentation must be one of "
+                                 f"{', '.join(AUGMENTATIONS)}, got {augmentation!r}")
+            self.augmentation = augmentation
         if image_size is not None:
             dims = len(self.defaults.image_size)
             size = (int(image_size),) * dims if isinstance(image_size, (int, float)) else tuple(int(s) for s in image_size)
@@ -348,6 +359,18 @@ class ImagingTask(Task):
         return problems
 
     # ---- transforms (subclasses) -----------------------------------------------------------
+    def augmentations(self, spatial_keys: Sequence[str], image_key: str = IMAGE) -> list[MapTransform]:
+        """The random training transforms the ``augmentation`` option asks for: ``full`` flips
+        and rotations of ``spatial_keys`` plus colour changes of ``image_key``, ``geometric``
+        the flips and rotations only (where colour itself is the signal, as in dermoscopy),
+        ``none`` nothing (training then sees the evaluation pixels)."""
+        steps: list[MapTransform] = []
+        if self.augmentation in ("full", "geometric"):
+            steps += geometric_augmentation(spatial_keys)
+        if self.augmentation == "full":
+            steps += colour_augmentation(image_key)
+        return steps
+
     def train_transforms(self) -> Compose:
         raise NotImplementedError
 

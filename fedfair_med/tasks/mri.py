@@ -319,16 +319,25 @@ class MRITask(MaskedSegmentationTask):
             ResizeWithPadOrCropd(keys=keys, spatial_size=(*self.image_size, -1)),
         ]
 
+    def augmentations(self, spatial_keys: Sequence[str], image_key: str = IMAGE) -> list:
+        """MRI has no geometric augmentation (the slice is drawn at random anyway): ``full``
+        is the scanner-like intensity changes below, ``geometric`` and ``none`` leave them out."""
+        if self.augmentation != "full":
+            return []
+        return [
+            RandScaleIntensityd(keys=[image_key], factors=0.15, prob=0.5),
+            RandShiftIntensityd(keys=[image_key], offsets=0.05, prob=0.5),
+            RandAdjustContrastd(keys=[image_key], gamma=(0.75, 1.4), prob=0.5),
+            RandBiasFieldd(keys=[image_key], coeff_range=(0.0, 0.2), prob=0.3),
+            RandGaussianNoised(keys=[image_key], std=0.02, prob=0.3),
+        ]
+
     def train_transforms(self) -> Compose:
         """Volume → one random axial slice (C, H, W) → intensity augmentation."""
         return Compose([
             *self.volume_transforms(),
             RandAxialSliced(keys=[IMAGE, LABEL], foreground_fraction=self.foreground_fraction),
-            RandScaleIntensityd(keys=[IMAGE], factors=0.15, prob=0.5),
-            RandShiftIntensityd(keys=[IMAGE], offsets=0.05, prob=0.5),
-            RandAdjustContrastd(keys=[IMAGE], gamma=(0.75, 1.4), prob=0.5),
-            RandBiasFieldd(keys=[IMAGE], coeff_range=(0.0, 0.2), prob=0.3),
-            RandGaussianNoised(keys=[IMAGE], std=0.02, prob=0.3),
+            *self.augmentations([IMAGE, LABEL]),
             finish([IMAGE, LABEL]),
         ])
 

@@ -20,7 +20,7 @@ from fedfair_med.contracts import SEGMENTATION
 from fedfair_med.tasks.base import TaskDefaults
 from fedfair_med.tasks.imaging import (
     IMAGE, LABEL, BinariseMaskd, EnsureChannelsd, ImagingTask, colour_augmentation,
-    finish, geometric_augmentation, load_rgb, resize_pair, to_unit_range,
+    finish, load_rgb, resize_pair, to_unit_range,
 )
 
 
@@ -41,8 +41,8 @@ class PolypTask(ImagingTask):
         ]
 
     def train_transforms(self) -> Compose:
-        return Compose([*self._common(), *geometric_augmentation([IMAGE, LABEL]),
-                        *colour_augmentation(IMAGE), finish([IMAGE, LABEL])])
+        return Compose([*self._common(), *self.augmentations([IMAGE, LABEL]),
+                        finish([IMAGE, LABEL])])
 
     def eval_transforms(self) -> Compose:
         return Compose([*self._common(), finish([IMAGE, LABEL])])

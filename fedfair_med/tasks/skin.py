@@ -37,8 +37,8 @@ from fedfair_med.data.manifest import HAM10000_BENIGN, HAM10000_MALIGNANT, Manif
 from fedfair_med.contracts import CLASSIFICATION
 from fedfair_med.tasks.base import TaskDefaults
 from fedfair_med.tasks.imaging import (
-    IMAGE, LABEL, EnsureChannelsd, ImagingTask, colour_augmentation, finish,
-    geometric_augmentation, load_rgb, to_unit_range,
+    IMAGE, LABEL, EnsureChannelsd, ImagingTask, finish,
+    load_rgb, to_unit_range,
 )
 
 METADATA_INPUTS = ("age", "sex")
@@ -139,8 +139,8 @@ class SkinTask(ImagingTask):
         ]
 
     def train_transforms(self) -> Compose:
-        return Compose([*self._common(), *geometric_augmentation([IMAGE]),
-                        *colour_augmentation(IMAGE), finish([IMAGE]), *self._metadata()])
+        return Compose([*self._common(), *self.augmentations([IMAGE]),
+                        finish([IMAGE]), *self._metadata()])
 
     def eval_transforms(self) -> Compose:
         return Compose([*self._common(), finish([IMAGE]), *self._metadata()])
