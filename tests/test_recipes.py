@@ -163,6 +163,7 @@ def test_recipes_section_rows_statuses_and_bars(tmp_path: Path):
     skin = text[text.index("#### Recipe `skin-a`"):]
     assert "| test AUC |" in skin and "| 0.850 |" in skin
     assert "optimiser adam, each site's state kept across rounds, lr 0.001" in skin
+    assert "1 epoch × 6 rounds" in skin
     assert "state kept" not in fundus
     assert "#### Recipe `polyp-128` (incomplete: 2 of 30 rounds)" in text
 

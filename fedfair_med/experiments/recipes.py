@@ -216,7 +216,7 @@ def settings_line(config: Mapping[str, Any]) -> str:
              + (f" cosine-decayed to {local['lr_final']} over the rounds"
                 if local.get("lr_final") is not None else ""),
              f"batch {resolved.get('batch_size', config.get('batch_size'))}",
-             f"{epochs} epochs × {_planned_rounds(config)} rounds"]
+             f"{epochs} epoch{'' if epochs == 1 else 's'} × {_planned_rounds(config)} rounds"]
     steps = local.get("max_steps", config.get("max_steps"))
     if steps:
         parts.append(f"at most {steps} steps a round")
