@@ -19,6 +19,7 @@ from fedfair_med.algorithms import build_algorithm
 from fedfair_med.algorithms.averaging import weighted_average
 from fedfair_med.algorithms.base import Algorithm, aggregate_round, float_state
 from fedfair_med.algorithms.fedavg import FedAvg
+from fedfair_med.algorithms.fedavgm import TRAINABLE, VELOCITY, FedAvgM
 from fedfair_med.algorithms.fednova import FedNova
 from fedfair_med.algorithms.fedprox import FedProx
 from fedfair_med.algorithms.scaffold import Scaffold
@@ -143,6 +144,69 @@ def test_fedprox_keeps_the_local_model_near_the_global_model() -> None:
     free, held = drift(0.0), drift(2.0)
     assert free > 0
     assert held < 0.95 * free
+
+
+# ---- FedAvgM -------------------------------------------------------------------------------
+
+def test_fedavgm_without_momentum_at_unit_rate_is_fedavg_bit_for_bit() -> None:
+    settings = LocalSettings(epochs=1, lr=3e-3, optimizer="adam", max_steps=2)
+    fedavg, _, _ = run_round(FedAvg(), GLOBAL, contexts(settings))
+    fedavgm, server, updates = run_round(FedAvgM(beta=0.0, server_lr=1.0), GLOBAL, contexts(settings))
+    for name in fedavg:
+        assert torch.equal(fedavgm[name], fedavg[name]), name
+    names = set(parameter_names())
+    assert {k[len(TRAINABLE):] for k in updates["site-a"].extras if k.startswith(TRAINABLE)} == names
+    assert {k[len(VELOCITY):] for k in server} == names  # no velocity for BatchNorm's statistics
+
+
+def test_fedavgm_applies_the_momentum_recursion_to_parameters_only() -> None:
+    """Two real rounds: x₂ = x₁ − η (β v₁ + x₁ − avg₂) with v₁ = x₀ − avg₁, per parameter;
+    running statistics take FedAvg's average; the velocity is never broadcast."""
+    beta, lr = 0.5, 1.5
+    method = FedAvgM(beta=beta, server_lr=lr)
+    settings = LocalSettings(epochs=1, lr=0.05, optimizer="sgd", max_steps=2)
+    ctxs = contexts(settings)
+    x1, server, updates1 = run_round(method, GLOBAL, ctxs)
+    assert method.broadcast(server, "site-a") == {}
+    x2, server2, updates2 = run_round(method, x1, ctxs, server_state=server)
+    weights = {s: float(u.num_samples) for s, u in updates2.items()}
+    average1 = weighted_average({s: u.state for s, u in updates1.items()}, weights)
+    average2 = weighted_average({s: u.state for s, u in updates2.items()}, weights)
+    names = parameter_names()
+    for name in names:
+        v1 = GLOBAL[name].double() - average1[name].double()
+        v2 = beta * v1 + x1[name].double() - average2[name].double()
+        assert torch.allclose(x1[name].double(), GLOBAL[name].double() - lr * v1, atol=1e-6), name
+        assert torch.allclose(x2[name].double(), x1[name].double() - lr * v2, atol=1e-6), name
+        assert torch.allclose(server2[VELOCITY + name].double(), v2, atol=1e-6), name
+    buffers = [n for n in x2 if n not in names]
+    assert any("running_var" in n for n in buffers)
+    for name in buffers:
+        assert torch.equal(x2[name], average2[name]), name
+    assert max_difference(x2, average2, names) > 1e-4
+
+
+def test_fedavgm_moves_further_along_a_direction_every_round_shares() -> None:
+    """Sites that each round move by the same d_s from the global model: FedAvg moves the mean d
+    per round; FedAvgM with β = 0.5 moves 1, 1.5 and 1.75 times it (Σ = 4.25 after 3 rounds)."""
+    zero = {"w": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    moves = {"a": torch.tensor([1.0, 2.0, 0.0]), "b": torch.tensor([3.0, -2.0, 0.0])}
+    mean_move = (1 * moves["a"] + 3 * moves["b"]) / 4
+
+    def rounds(method: Algorithm, n: int) -> StateDict:
+        state, server = dict(zero), method.init_server_state(zero, ["a", "b"])
+        for _ in range(n):
+            updates = {s: ClientUpdate(state={"w": state["w"] + d, "bn.running_var": torch.full((3,), 2.0)},
+                                       num_samples=1 if s == "a" else 3,
+                                       extras={TRAINABLE + "w": torch.ones(())})
+                       for s, d in moves.items()}
+            state, server = aggregate_round(method, state, updates, server)
+        return state
+
+    assert torch.allclose(rounds(FedAvg(), 3)["w"], 3 * mean_move)
+    momentum = rounds(FedAvgM(beta=0.5), 3)
+    assert torch.allclose(momentum["w"], 4.25 * mean_move)
+    assert torch.equal(momentum["bn.running_var"], torch.full((3,), 2.0))
 
 
 # ---- FedNova -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from fedfair_med.algorithms.dynamicfl import DynamicFL
 from fedfair_med.algorithms.fairfed import FairFed
 from fedfair_med.algorithms.fairmixup import FairMixup
 from fedfair_med.algorithms.fedavg import FedAvg
+from fedfair_med.algorithms.fedavgm import FedAvgM
 from fedfair_med.algorithms.fednova import FedNova
 from fedfair_med.algorithms.fedprox import FedProx
 from fedfair_med.algorithms.flexfair import FlexFair
@@ -20,6 +21,7 @@ from fedfair_med.algorithms.scaffold import Scaffold
 
 REGISTRY: dict[str, type[Algorithm]] = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fednova": FedNova,
     "scaffold": Scaffold,

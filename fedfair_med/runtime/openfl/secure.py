@@ -63,6 +63,8 @@ REFUSED = {
     "fednova": "FedNova weights each site's update by n_s / a_s, its own step normaliser (its sums "
                "are of site-side products, which the sites do not send)",
     "fairfed": "FairFed reweights each site by its own fairness gap (needs per-site statistics)",
+    "fedavgm": "FedAvgM's server step needs only the sum, but it has not been checked on the "
+               "masked path yet",
 }
 #: Extras that stay in the clear (the run records them per site).
 CLEAR_EXTRAS = ("loss", "steps")
