@@ -111,6 +111,48 @@ def test_interrupted_simulate_over_a_run_leaves_the_old_run_whole(tmp_path, sig,
         assert _assert_one_run(target, old) == "flexfair"
 
 
+class _CtrlCInSideCallback:
+    """Progress that presses Ctrl-C in round 1 from inside a ``__del__``: Python prints the
+    KeyboardInterrupt raised there as "Exception ignored" and carries on (the CI failure of stop
+    15: the signal landed in an import lock's weakref callback and the run finished anyway)."""
+
+    def __init__(self) -> None:
+        self.rounds_started: list[int] = []
+
+    def round_started(self, round_index, total_rounds, total_steps) -> None:
+        self.rounds_started.append(round_index)
+
+    def advance(self, steps) -> None:
+        pass
+
+    def round_finished(self, round_index, record) -> None:
+        if round_index == 1:
+            class PressesCtrlC:
+                def __del__(self) -> None:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.5)  # the handler runs here, inside __del__, and is swallowed
+
+            PressesCtrlC()
+
+
+def test_a_ctrl_c_swallowed_by_a_side_callback_still_stops_the_run(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "run"
+    old = _old_run(target)
+    # As in a terminal: Ctrl-C raises (a suite started with '&' inherits SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    progress = _CtrlCInSideCallback()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_simulation(RunConfig(task="synthetic-seg", method="flexfair", rounds=4, **TINY),
+                           target, progress=progress, force=True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert progress.rounds_started == [1]  # stopped before round 2, not at the end
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == old
+    assert not _staging(target)
+
+
 def test_simulate_never_replaces_a_run_without_force(tmp_path) -> None:
     target = tmp_path / "run"
     old = _old_run(target)

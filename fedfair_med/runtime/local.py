@@ -25,6 +25,7 @@ import torch
 from fedfair_med.algorithms.base import StateDict, float_state, load_state
 from fedfair_med.config import RunConfig
 from fedfair_med.contracts import CLASSIFICATION
+from fedfair_med.runtime.interrupts import interrupts_recorded, raise_if_interrupted
 from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 from fedfair_med.runtime.rundir import RunDirectory, round_record, write_reports
 from fedfair_med.runtime.setup import RunSetup, derive_seed
@@ -122,7 +123,9 @@ def run_simulation(config: RunConfig, out_dir: str | Path, progress: Progress | 
     check_target(Path(out_dir), force)
     made: list[RunDirectory] = []
     try:
-        result = _simulate(config, Path(out_dir), progress or _Silent(), force, made.append)
+        with interrupts_recorded():
+            result = _simulate(config, Path(out_dir), progress or _Silent(), force, made.append)
+            raise_if_interrupted()  # a Ctrl-C swallowed by a side callback still stops the commit
     except Exception as err:  # failed: the rounds done so far are kept aside, visibly failed
         kept = made[0].keep_failed(err) if made else None
         discard_staging(Path(out_dir))
@@ -157,6 +160,7 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
     started = time.perf_counter()
 
     for r in range(1, rounds + 1):
+        raise_if_interrupted()
         progress.round_started(r, rounds, sum(s.steps_per_round() for s in sites))
         if algorithm.wants_statistics(r, server_state):
             stats = {s.name: s.statistics(algorithm, model, global_state, r) for s in sites}
@@ -171,6 +175,7 @@ def _simulate(config: RunConfig, out_dir: Path, progress: Progress, force: bool,
             train_loss[site.name] = float(update.extras["loss"])
             aggregation.add(site.name, update)
             del update
+            raise_if_interrupted()
         torch.manual_seed(derive_seed(config.seed, r, "server"))
         global_state, server_state = aggregation.result()
         del aggregation
