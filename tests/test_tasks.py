@@ -354,6 +354,87 @@ def test_skin_balanced_weights_are_each_sites_own_in_either_runtime(tmp_path: Pa
     torch.testing.assert_close(balanced_weights(torch.tensor([0, 0, 0])), torch.ones(2))
 
 
+def _skewed_skin_manifest(root: Path) -> Path:
+    """A site of 5 training rows, 1 malignant (π_s = (1 + ½) / (5 + 1) = ¼ smoothed), 1 test row."""
+    images = sorted((SHARED / "ham10000/images_200x150").glob("ISIC_00243*.jpg"))[:6]
+    return write_manifest(root / "skewed" / "manifest.csv", [
+        {"id": f"s{i}", "image": image, "label": "mel" if i == 0 else "nv",
+         "split": "train" if i < 5 else "test", "sex": "male", "age": "50"}
+        for i, image in enumerate(images)], attribute_names=("sex", "age"))
+
+
+@realdata
+def test_skin_prevalence_correction_shifts_each_sites_logit_by_its_prior_odds(tmp_path: Path) -> None:
+    """logit(π_s) − logit(π): a known answer for a given π, the federation's π from every
+    site's training rows, the same offset whichever way the sites were loaded."""
+    skewed = _skewed_skin_manifest(tmp_path)
+    task = SkinTask()
+    task.load_federation(manifests=[skewed], class_weights="balanced", prevalence_correction=0.5)
+    assert task.site_logit_offsets["skewed"] == pytest.approx(-math.log(3.0))  # logit(1/4)
+    logits = torch.tensor([[0.0, 0.0], [1.0, -2.0], [-1.0, 3.0]])
+    shifted = task.evaluation_logits("skewed", logits)
+    torch.testing.assert_close(task.positive_probability(shifted)[0], torch.tensor(0.25))
+    torch.testing.assert_close(shifted[:, 0], logits[:, 0])  # only the malignant logit moves
+    assert torch.equal(task.evaluation_logits("another site", logits), logits)
+
+    manifests = [*skin_manifests(tmp_path / "two"), skewed]
+    together = SkinTask()
+    federation = together.load_federation(manifests=manifests, class_weights="balanced",
+                                          prevalence_correction="federation")
+    counts = {s.name: ([int(r["label"]) for r in s.train.data]) for s in federation.sites}
+    everyone = [y for labels in counts.values() for y in labels]
+    pi = (sum(everyone) + 0.5) / (len(everyone) + 1)
+    for name, labels in counts.items():
+        pi_s = (sum(labels) + 0.5) / (len(labels) + 1)
+        expected = math.log(pi_s / (1 - pi_s)) - math.log(pi / (1 - pi))
+        assert together.site_logit_offsets[name] == pytest.approx(expected)
+    # An OpenFL collaborator loads its own manifest alone, with π given as a number: same offset.
+    alone = SkinTask()
+    alone.load_federation(manifests=[skewed], class_weights="balanced", prevalence_correction=pi)
+    assert alone.site_logit_offsets["skewed"] == pytest.approx(together.site_logit_offsets["skewed"])
+
+
+@realdata
+def test_skin_prevalence_correction_moves_predictions_not_training(tmp_path: Path) -> None:
+    """Same seed with and without the correction: the same trained model (training never sees
+    it), and every prediction's log-odds moved by its site's offset, so the ranking within a
+    site is unchanged."""
+    data = {"manifests": [str(p) for p in [*skin_manifests(tmp_path / "m"),
+                                            _skewed_skin_manifest(tmp_path / "m")]],
+            "image_size": 32, "class_weights": "balanced"}
+    plain, _ = run_one_round("skin", data, tmp_path / "plain", network="small_cnn",
+                             network_kwargs={"width": 4})
+    corrected, _ = run_one_round("skin", {**data, "prevalence_correction": "federation"},
+                                 tmp_path / "corrected", network="small_cnn",
+                                 network_kwargs={"width": 4})
+    for name, tensor in plain.state.items():
+        assert torch.equal(tensor, corrected.state[name]), name
+    task = SkinTask()
+    task.load_federation(manifests=data["manifests"], class_weights="balanced",
+                         prevalence_correction="federation")
+    merged = plain.predictions.merge(corrected.predictions, on=["id", "site"], suffixes=("", "_c"))
+    assert len(merged) == len(plain.predictions) > 0
+    odds = lambda p: np.log(p / (1 - p))  # noqa: E731
+    moved = odds(merged["score_c"]) - odds(merged["score"])
+    expected = merged["site"].map(task.site_logit_offsets)
+    np.testing.assert_allclose(moved, expected, atol=1e-4)
+    assert (merged["y_pred_c"] == (merged["score_c"] >= 0.5).astype(int)).all()
+
+
+def test_skin_prevalence_correction_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="class_weights: balanced"):
+        SkinTask().configure(prevalence_correction="federation")
+    with pytest.raises(ValueError, match=r"number in \(0, 1\)"):
+        SkinTask().configure(class_weights="balanced", prevalence_correction=1.5)
+    with pytest.raises(ValueError, match=r"'federation' or"):
+        SkinTask().configure(class_weights="balanced", prevalence_correction="pooled")
+    from fedfair_med.runtime.openfl.workspace import FederationError, render_plan
+
+    with pytest.raises(FederationError, match="collaborator sees only its own"):
+        render_plan("fedavg", task="skin", sites=["a", "b"], overrides={
+            "data": {"class_weights": "balanced", "prevalence_correction": "federation"}})
+
+
 @realdata
 def test_skin_label_names_and_errors(tmp_path: Path) -> None:
     images = sorted((SHARED / "ham10000/images_200x150").glob("ISIC_00243*.jpg"))[:4]

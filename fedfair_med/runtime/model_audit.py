@@ -56,7 +56,9 @@ __all__ = [
 Predictor = Callable[[Task, SiteData, nn.Module], pd.DataFrame]
 
 #: ``data`` options of a run that describe the training federation, not how an image is read.
-_TRAINING_ONLY_OPTIONS = ("manifests", "cache", "class_weights")
+#: ``prevalence_correction`` is a participating site's deployment choice (its training prevalence):
+#: an audit scores the model's own logits.
+_TRAINING_ONLY_OPTIONS = ("manifests", "cache", "class_weights", "prevalence_correction")
 
 
 class AuditError(ValueError):

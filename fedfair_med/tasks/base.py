@@ -140,6 +140,11 @@ class Task:
             return torch.sigmoid(logits).flatten(1).mean(1)
         return torch.softmax(logits, dim=1)[:, 1]
 
+    def evaluation_logits(self, site: str, logits: torch.Tensor) -> torch.Tensor:
+        """The logits ``site`` scores with: the model's own, unless a task corrects them per site
+        at prediction time (skin's ``prevalence_correction``). Training never sees this."""
+        return logits
+
     def sample_metric(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """Per-sample primary metric (B,): hard Dice, or 1.0 for a correct prediction."""
         if self.kind == SEGMENTATION:

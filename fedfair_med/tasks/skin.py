@@ -15,6 +15,15 @@ site's gradient is then class-balanced on its own. A site whose training rows ho
 trains unweighted. The per-sample risk
 used by fairness criteria stays the unweighted cross-entropy.
 
+``prevalence_correction`` (with ``class_weights: balanced`` only) shifts each site's malignant logit
+at prediction by ``logit(π_s) − logit(π)``: π_s is the site's own training prevalence, π the
+federation's (``federation``: from the sites' training rows, in-process; or a number, which an
+OpenFL plan must give, since a collaborator sees only its own rows). Per-site balanced weights
+train every site as if its classes were 50/50, which removes the between-site prevalence a pooled
+class-balanced model keeps (HAM10000's sites run from 0.7 % to 41 % malignant); the shift puts it
+back, so the scores are those of pooled class-balanced training — one constant per site, the
+ranking within a site unchanged. Training and the fairness risks never see it.
+
 ``metadata_inputs: [age, sex]`` feeds the patient's metadata to the network as constant image
 planes after the RGB channels (age / 100, clipped to [0, 1]; sex 0 female, 1 male; 0.5 where the
 manifest has no value), the usual dermoscopy + metadata classifier at no architectural cost. It
@@ -83,14 +92,21 @@ class SkinTask(ImagingTask):
         #: ``balanced``: each site's own weights, by site name
         self.site_class_weights: dict[str, torch.Tensor] = {}
         self.metadata_inputs: tuple[str, ...] = ()
+        #: ``prevalence_correction``: None (off), "federation", or the federation's prevalence π
+        self.prevalence_correction: str | float | None = None
+        #: logit(π_s) − logit(π) per site name, set by after_load when the correction is on
+        self.site_logit_offsets: dict[str, float] = {}
 
     @property  # type: ignore[override]
     def in_channels(self) -> int:
         return 3 + len(self.metadata_inputs)
 
     def configure(self, malignant: Sequence[str] | None = None, class_weights: Any = None,
-                  metadata_inputs: Sequence[str] | None = None, **options: Any) -> None:
+                  metadata_inputs: Sequence[str] | None = None,
+                  prevalence_correction: Any = None, **options: Any) -> None:
         super().configure(**options)
+        self.prevalence_correction = _prevalence_option(prevalence_correction, class_weights)
+        self.site_logit_offsets = {}
         if metadata_inputs is not None:
             names = [str(m).strip().lower() for m in (
                 [metadata_inputs] if isinstance(metadata_inputs, str) else metadata_inputs)]
@@ -152,12 +168,29 @@ class SkinTask(ImagingTask):
         option = self.class_weights_option
         self.site_class_weights = {}
         self.class_weights = None
+        counts: dict[str, tuple[int, int]] = {}
         if option == "balanced":
             for site in sites:
                 labels = torch.tensor([int(record[LABEL]) for record in site.train.data], dtype=torch.long)
                 self.site_class_weights[site.name] = balanced_weights(labels)
+                counts[site.name] = (int(labels.sum()), len(labels))
         elif option is not None:
             self.class_weights = torch.tensor(option, dtype=torch.float32)
+        self.site_logit_offsets = {}
+        if self.prevalence_correction is not None:
+            reference = self.prevalence_correction
+            if reference == "federation":
+                reference = _smoothed_prevalence(sum(p for p, _ in counts.values()),
+                                                 sum(n for _, n in counts.values()))
+            self.site_logit_offsets = {
+                name: _logit(_smoothed_prevalence(*count)) - _logit(float(reference))
+                for name, count in counts.items()}
+
+    def evaluation_logits(self, site: str, logits: torch.Tensor) -> torch.Tensor:
+        offset = self.site_logit_offsets.get(site)
+        if offset is None:
+            return logits
+        return logits + torch.tensor([0.0, offset], dtype=logits.dtype, device=logits.device)
 
     def site_task_loss(self, site: str | None) -> Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]:
         weights = self.site_class_weights.get(site)  # type: ignore[arg-type]
@@ -173,6 +206,48 @@ class SkinTask(ImagingTask):
         if self.class_weights is None:
             return super().task_loss(logits, batch)
         return weighted_cross_entropy(logits, batch, self.class_weights)
+
+
+#: Why an OpenFL plan cannot say ``prevalence_correction: federation``.
+PREVALENCE_NEEDS_A_NUMBER = (
+    "data.prevalence_correction: 'federation' needs every site's training rows, and an OpenFL "
+    "collaborator sees only its own: give the federation's training prevalence as a number (the "
+    "sites' malignant training rows over all their training rows)")
+
+
+def prevalence_from_all_sites(data: Mapping[str, Any]) -> bool:
+    """True when ``data`` asks for the federation's prevalence to be computed from every site."""
+    value = data.get("prevalence_correction")
+    return value is True or (isinstance(value, str) and value.strip().lower() == "federation")
+
+
+def _prevalence_option(value: Any, class_weights: Any) -> str | float | None:
+    """Check ``prevalence_correction``: off, ``federation`` or a prevalence in (0, 1)."""
+    if value is None or value is False:
+        return None
+    if class_weights != "balanced":
+        raise ValueError("task 'skin': prevalence_correction puts back the site prevalence that "
+                         "class_weights: balanced takes out; set class_weights: balanced, or drop "
+                         f"prevalence_correction (got class_weights {class_weights!r})")
+    if value is True or str(value).strip().lower() == "federation":
+        return "federation"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"task 'skin': prevalence_correction must be 'federation' or the "
+                         f"federation's training prevalence, a number in (0, 1); got {value!r}")
+    return number
+
+
+def _smoothed_prevalence(positives: int, total: int) -> float:
+    """(k + ½) / (n + 1): finite log-odds for a site with no malignant (or no benign) rows."""
+    return (positives + 0.5) / (total + 1.0)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
 
 
 def balanced_weights(labels: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from fedfair_med.runtime.openfl.secure import make_party, mask_update, split_pub
 from fedfair_med.runtime.malloc_tuning import keep_freed_memory
 from fedfair_med.runtime.setup import RunSetup
 from fedfair_med.runtime.site import SiteRunner
+from fedfair_med.tasks.skin import PREVALENCE_NEEDS_A_NUMBER, prevalence_from_all_sites
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def load_site(setup: RunSetup, spec: FederationSpec, site: str, manifest: str | 
         if manifest is None:
             raise ValueError(f"task {config.task!r} needs this site's manifest (--manifest site.csv)")
         options = {k: v for k, v in config.data.items() if k != "manifests"}
+        if prevalence_from_all_sites(options):
+            raise ValueError(PREVALENCE_NEEDS_A_NUMBER)
         federation = task.load_federation(seed=config.seed, manifests=[str(manifest)], **options)
         data = federation.sites[0]
     return SiteRunner(setup, data, index, spec.group_vocabulary, tuple(spec.attributes),

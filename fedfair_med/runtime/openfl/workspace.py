@@ -166,6 +166,10 @@ def render_plan(method: str, *, task: str, sites: Sequence[str], host: str = "12
         config = config_from_mapping(raw)
     except ConfigError as err:
         raise FederationError(str(err).replace("\n", " ")) from None
+    from fedfair_med.tasks.skin import PREVALENCE_NEEDS_A_NUMBER, prevalence_from_all_sites
+
+    if prevalence_from_all_sites(config.data):
+        raise FederationError(PREVALENCE_NEEDS_A_NUMBER)
     if secure_aggregation:
         from fedfair_med.runtime.openfl.secure import method_problem
 
