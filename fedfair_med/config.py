@@ -284,8 +284,9 @@ def _network_problem(task_name: str, network: str | None, kwargs_json: str, data
     return None
 
 
-#: Methods whose local loss is a mean of per-sample terms, so DP-SGD's per-sample clipping covers it.
-DP_SGD_METHODS = ("fedavg", "flexfair", "fairfed")
+#: Methods whose local loss is a mean of per-sample terms, so DP-SGD's per-sample clipping covers it
+#: (FedAvgM trains as FedAvg does; its server momentum is post-processing of the noisy updates).
+DP_SGD_METHODS = ("fedavg", "fedavgm", "flexfair", "fairfed")
 
 
 def load_config(source: str | Path | Mapping[str, Any], **overrides: Any) -> RunConfig:

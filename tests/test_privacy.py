@@ -268,6 +268,25 @@ def test_dp_sgd_one_round_records_epsilon_per_site(tmp_path) -> None:
     assert json.loads((result.path / "privacy.json").read_text())["dp_sgd"]["epsilon"] == per_site
 
 
+def test_dp_sgd_under_fedavgm_spends_fedavgs_budget_and_beta_zero_is_fedavg(tmp_path) -> None:
+    """FedAvgM's sites train exactly as FedAvg's (same noise, same ε); the server momentum only
+    post-processes the noisy average, and at β = 0 leaves it as FedAvg's, bit for bit."""
+    base = dict(task="synthetic-cls", rounds=2, max_steps=3, data={"scale": 0.25},
+                privacy={"dp_sgd": DP_SGD})
+    fedavg = run_simulation(RunConfig(method="fedavg", **base), tmp_path / "fedavg")
+    still = run_simulation(RunConfig(method="fedavgm", method_params={"beta": 0.0}, **base),
+                           tmp_path / "beta0")
+    moving = run_simulation(RunConfig(method="fedavgm", method_params={"beta": 0.9}, **base),
+                            tmp_path / "beta09")
+    for name, tensor in fedavg.state.items():
+        assert torch.equal(tensor, still.state[name]), name
+    assert any(not torch.equal(t, moving.state[k]) for k, t in fedavg.state.items())
+    for result in (still, moving):
+        for r in (0, 1):
+            assert read_metrics(result.path)[r]["privacy"]["dp_sgd"]["epsilon"] == \
+                read_metrics(fedavg.path)[r]["privacy"]["dp_sgd"]["epsilon"]
+
+
 def test_an_empty_poisson_draw_still_takes_a_noisy_step() -> None:
     """Skipping empty batches would reveal that nobody was drawn; every draw is a noisy step."""
     torch.manual_seed(0)
