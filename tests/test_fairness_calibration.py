@@ -16,6 +16,7 @@ from fedfair_med.fairness import (
     group_calibration_error,
     group_roc_auc,
     roc_auc,
+    within_group_roc_auc,
 )
 from fedfair_med.fairness.site_summaries import combine_summaries, site_summary
 
@@ -53,6 +54,37 @@ def test_group_roc_auc_matches_fairlearn_metricframe(seed):
     assert list(ours) == sorted(frame.by_group.index)
     for key, value in frame.by_group.items():
         assert ours[key] == pytest.approx(value, abs=1e-12)
+
+
+def test_within_group_auc_ignores_a_gap_between_groups_and_weights_by_pairs():
+    # Site a scores everything high, site b low: pooled AUC rewards telling a from b.
+    y = np.array([1, 1, 0, 1, 0, 0])
+    score = np.array([0.9, 0.8, 0.85, 0.2, 0.1, 0.3])
+    site = np.array(["a", "a", "a", "b", "b", "b"])
+    # a: positives 0.9, 0.8 vs negative 0.85 -> 1 of 2 pairs; b: 0.2 vs 0.1, 0.3 -> 1 of 2.
+    assert within_group_roc_auc(y, score, sensitive_features=site) == pytest.approx(0.5)
+    assert roc_auc(y, score) == pytest.approx(6 / 9)  # the cross-site pairs: 4 of 5 won
+    # (1 pos x 3 neg) at one site, (3 pos x 1 neg) at another, one-class site adds no pairs.
+    y2 = np.array([1, 0, 0, 0, 1, 1, 1, 0, 1, 1])
+    s2 = np.array([0.9, 0.1, 0.2, 0.3, 0.5, 0.6, 0.1, 0.4, 0.7, 0.8])
+    g2 = np.array(["p"] * 4 + ["q"] * 4 + ["r"] * 2)
+    # p: AUC 1 over 3 pairs; q: positives 0.5, 0.6, 0.1 vs 0.4 -> 2 of 3; r: no pairs.
+    assert within_group_roc_auc(y2, s2, sensitive_features=g2) == pytest.approx((3 * 1 + 3 * 2 / 3) / 6)
+    assert np.isnan(within_group_roc_auc(y2[8:], s2[8:], sensitive_features=g2[8:]))
+    # Missing group labels belong to no group.
+    assert within_group_roc_auc(y2, s2, sensitive_features=np.where(g2 == "q", "", g2)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_within_group_auc_is_the_auc_over_same_group_pairs(seed):
+    y, score, group = _sample(seed, 120)
+    won = pairs = 0.0
+    for i in np.flatnonzero(y == 1):
+        for j in np.flatnonzero(y == 0):
+            if group[i] == group[j]:
+                pairs += 1
+                won += 1.0 if score[i] > score[j] else 0.5 if score[i] == score[j] else 0.0
+    assert within_group_roc_auc(y, score, sensitive_features=group) == pytest.approx(won / pairs)
 
 
 def test_expected_calibration_error_hand_example():

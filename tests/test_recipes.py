@@ -210,6 +210,8 @@ def test_round_records_carry_the_balanced_accuracy_the_final_predictions_give(tm
     assert "balanced_accuracy" not in combine_summaries(summaries, classification=False)
     frame.to_csv(tmp_path / "predictions.csv", index=False)
     assert _final_quality(tmp_path)["balanced_accuracy"] == pytest.approx(2 / 3)
+    # Within sites only site a has both classes: 0.9 beats 0.7 and 0.4, 0.3 beats neither.
+    assert _final_quality(tmp_path)["auc_within_site"] == pytest.approx(0.5)
 
 
 def test_collect_run_takes_several_runs_and_a_finished_run_beats_its_own_staging_folder(

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from fedfair_med.cli.report_commands import register
 from fedfair_med.reporting.run_report import build_run_report
+from fedfair_med.reporting.render import render_markdown
 from fedfair_med.runtime.rundir import RunDirectoryError, write_reports
 
 SITES = ("site-a", "site-b", "site-c")
@@ -108,6 +109,16 @@ def test_classification_report_matches_numpy():
     assert report["overall"]["metric"] == pytest.approx(metric.mean())
     lo, hi = report["overall"]["ci95"]
     assert lo <= metric.mean() <= hi
+
+    from sklearn.metrics import roc_auc_score
+
+    pairs = {name: int(positive[site == name].sum() * (~positive[site == name]).sum()) for name in SITES}
+    within = sum(pairs[name] * roc_auc_score(positive[site == name], score[site == name])
+                 for name in SITES) / sum(pairs.values())
+    assert report["overall"]["auc_within_site"] == pytest.approx(within)
+    assert report["overall"]["auc"] == pytest.approx(roc_auc_score(positive, score))
+    markdown = render_markdown(report, {}, [])
+    assert f"| ROC AUC within sites |" in markdown and f"| {within:.4f} |" in markdown
 
     sites = _rows(report, "site")
     assert sorted(sites) == list(SITES)

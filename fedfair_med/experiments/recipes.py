@@ -48,7 +48,7 @@ QUALITY_BARS: dict[str, dict[str, float]] = {
     "skin": {"auc": 0.80, "balanced_accuracy": 0.70},
 }
 METRIC_LABELS = {"dice": "Dice", "accuracy": "accuracy", "auc": "AUC",
-                 "balanced_accuracy": "balanced accuracy"}
+                 "auc_within_site": "AUC within sites", "balanced_accuracy": "balanced accuracy"}
 
 
 class RecipeError(SweepError):
@@ -87,7 +87,7 @@ def _whole_records(text: str) -> str:
 
 def _final_quality(run_dir: Path) -> dict[str, float]:
     """ROC AUC and balanced accuracy of the final model on the test split (classification)."""
-    from fedfair_med.fairness.metrics import roc_auc
+    from fedfair_med.fairness.metrics import roc_auc, within_group_roc_auc
 
     try:
         predictions = read_predictions(run_dir)
@@ -98,7 +98,11 @@ def _final_quality(run_dir: Path) -> dict[str, float]:
     y_true = predictions["y_true"].astype(float).to_numpy()
     y_pred = predictions["y_pred"].astype(float).to_numpy()
     recalls = [float((y_pred[y_true == c] == c).mean()) for c in (0.0, 1.0) if (y_true == c).any()]
-    out = {"auc": roc_auc(y_true, predictions["score"].astype(float).to_numpy())}
+    score = predictions["score"].astype(float).to_numpy()
+    out = {"auc": roc_auc(y_true, score)}
+    if "site" in predictions.columns and predictions["site"].nunique() > 1:
+        out["auc_within_site"] = within_group_roc_auc(
+            y_true, score, sensitive_features=predictions["site"].astype(str).to_numpy())
     if len(recalls) == 2:
         out["balanced_accuracy"] = sum(recalls) / 2
     return {k: float(v) for k, v in out.items() if math.isfinite(v)}

@@ -12,6 +12,7 @@ from fedfair_med.fairness.metrics import (
     group_calibration_error,
     group_means,
     group_roc_auc,
+    within_group_roc_auc,
     is_missing,
     roc_auc,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "group_calibration_error",
     "group_means",
     "group_roc_auc",
+    "within_group_roc_auc",
     "group_table",
     "intersect",
     "is_missing",

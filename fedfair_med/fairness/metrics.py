@@ -50,6 +50,7 @@ __all__ = [
     "roc_auc",
     "expected_calibration_error",
     "group_roc_auc",
+    "within_group_roc_auc",
     "group_calibration_error",
 ]
 
@@ -288,6 +289,33 @@ def group_roc_auc(y_true: Any, y_score: Any, *, sensitive_features: Any, pos_lab
     ...).by_group``); samples with a missing sensitive feature belong to no group.
     """
     return _per_group(roc_auc, y_true, y_score, sensitive_features, pos_label=pos_label)
+
+
+def within_group_roc_auc(y_true: Any, y_score: Any, *, sensitive_features: Any,
+                         pos_label: Any = 1) -> float:
+    r"""ROC AUC over the (positive, negative) pairs that share a group: how well the scores rank
+    cases *within* a group (a hospital), whatever their level differs between groups.
+
+    .. math::
+
+        \mathrm{AUC}_{\mathrm{within}} = \frac{\sum_g n_{g+} n_{g-} \mathrm{AUC}_g}{\sum_g n_{g+} n_{g-}}
+
+    Pooled AUC also credits a model for ranking one group's cases above another's, i.e. for
+    telling the groups apart where their prevalences differ (HAM10000's sites: 0.4 % to 42 %
+    malignant test rows); this one does not. Groups holding one class add no pairs; NaN when
+    no group holds both classes.
+    """
+    scores = _as_float_array(y_score, "y_score")
+    positive = _binary_truth(y_true, pos_label, len(scores))
+    keys, known = _group_keys(sensitive_features, len(scores))
+    weighted = pairs = 0.0
+    for key in {k for k, ok in zip(keys, known) if ok}:
+        members = known & np.fromiter((k == key for k in keys), dtype=bool, count=len(keys))
+        n_pos, n_neg = int(positive[members].sum()), int((~positive[members]).sum())
+        if n_pos and n_neg:
+            weighted += n_pos * n_neg * roc_auc(positive[members], scores[members], pos_label=True)
+            pairs += n_pos * n_neg
+    return weighted / pairs if pairs else float("nan")
 
 
 def group_calibration_error(y_true: Any, y_prob: Any, *, sensitive_features: Any, n_bins: int = 10,

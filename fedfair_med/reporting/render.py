@@ -237,14 +237,27 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+#: What "ROC AUC within sites" means, beside the pooled AUC.
+WITHIN_SITE_AUC_DEFINITION = (
+    "AUC within sites counts only the (malignant, benign) pairs from the same site: how well the "
+    "model ranks cases inside one hospital. The pooled AUC also credits ranking one site's cases "
+    "above another's, which pays where the sites' prevalences differ.")
+
+
 def _decision_lines(report: Mapping[str, Any]) -> list[str]:
     """Classification: AUC, calibration and the gaps on decisions, beside the score gaps."""
     overall = report["overall"]
     lines = ["", "## Discrimination, calibration and decisions", "",
              "A small gap on scores can hide a model that is equally poor for everyone; read it "
-             "with these.", "", "| ROC AUC | ECE (10 bins) |", "|---:|---:|",
-             f"| {_fmt(overall.get('auc'))} | {_fmt(overall.get('ece'))} |", "",
-             f"Gaps {_md(DECISION_GAPS_DEFINITION)}:", "", "| decision gap | value |", "|---|---:|"]
+             "with these.", ""]
+    if "auc_within_site" in overall:  # sites' prevalences differ: ranking across sites also counts
+        lines += ["| ROC AUC | ROC AUC within sites | ECE (10 bins) |", "|---:|---:|---:|",
+                  f"| {_fmt(overall.get('auc'))} | {_fmt(overall['auc_within_site'])} "
+                  f"| {_fmt(overall.get('ece'))} |", "", _md(WITHIN_SITE_AUC_DEFINITION), ""]
+    else:
+        lines += ["| ROC AUC | ECE (10 bins) |", "|---:|---:|",
+                  f"| {_fmt(overall.get('auc'))} | {_fmt(overall.get('ece'))} |", ""]
+    lines += [f"Gaps {_md(DECISION_GAPS_DEFINITION)}:", "", "| decision gap | value |", "|---|---:|"]
     for name, value in (report.get("decision_gaps") or {}).items():
         lines.append(f"| {_md(name)} | {_fmt(value)} |")
     return lines
@@ -290,6 +303,7 @@ def render_html(
                "definition": definitions.get(k, "")} for k, v in report["gaps"].items()],
         decision_gaps=list((report.get("decision_gaps") or {}).items()),
         decision_definition=DECISION_GAPS_DEFINITION,
+        within_site_definition=WITHIN_SITE_AUC_DEFINITION,
         groups=groups,
         min_group_size=(report.get("settings") or {}).get("min_group_size", 10),
         group_charts=charts,
@@ -333,7 +347,9 @@ def print_summary(report: Mapping[str, Any], console: Any) -> None:
         gaps.add_row(Text(f"{name} (decisions)"), _fmt(value))
     console.print(gaps)
     if "auc" in overall:
-        console.print(f"ROC AUC {_fmt(overall['auc'])}, calibration error (ECE) "
+        within = (f" (within sites {_fmt(overall['auc_within_site'])})"
+                  if "auc_within_site" in overall else "")
+        console.print(f"ROC AUC {_fmt(overall['auc'])}{within}, calibration error (ECE) "
                       f"{_fmt(overall.get('ece'))}", markup=False)
     for warning in report.get("warnings", []):
         console.print(Text.assemble(("warning: ", "yellow"), str(warning)))

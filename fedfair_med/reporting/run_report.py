@@ -32,6 +32,7 @@ from fedfair_med.fairness.metrics import (
     expected_calibration_error,
     group_calibration_error,
     group_roc_auc,
+    within_group_roc_auc,
     is_missing,
     roc_auc,
 )
@@ -323,6 +324,8 @@ def build_run_report(
     overall: dict[str, Any] = {"n": n, "metric": float(metric.mean()), "ci95": [low, high]}
     if kind == CLASSIFICATION:
         overall["auc"] = roc_auc(y_true, score)
+        if len(set(sites)) > 1:  # ranking within each hospital, whatever the sites' prevalences
+            overall["auc_within_site"] = within_group_roc_auc(y_true, score, sensitive_features=sites)
         overall["ece"] = expected_calibration_error(y_true, score)
     settings = {
         "attributes": list(grouping),
