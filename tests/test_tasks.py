@@ -372,10 +372,22 @@ def test_skin_prevalence_correction_shifts_each_sites_logit_by_its_prior_odds(tm
     task.load_federation(manifests=[skewed], class_weights="balanced", prevalence_correction=0.5)
     assert task.site_logit_offsets["skewed"] == pytest.approx(-math.log(3.0))  # logit(1/4)
     logits = torch.tensor([[0.0, 0.0], [1.0, -2.0], [-1.0, 3.0]])
-    shifted = task.evaluation_logits("skewed", logits)
+    shifted = task.site_logits("skewed", logits)
     torch.testing.assert_close(task.positive_probability(shifted)[0], torch.tensor(0.25))
     torch.testing.assert_close(shifted[:, 0], logits[:, 0])  # only the malignant logit moves
-    assert torch.equal(task.evaluation_logits("another site", logits), logits)
+    assert torch.equal(task.site_logits("another site", logits), logits)
+    # The DP/EO risk FlexFair penalises is the corrected score; the task loss is the model's own.
+    from fedfair_med.fairness.criteria import Criterion
+
+    batch = {"label": torch.tensor([0, 1, 1]), "group": torch.zeros(3, dtype=torch.long)}
+    for criterion in (Criterion("dp", "sex"), Criterion("eo", "sex")):
+        objective = task.objective(criterion, site="skewed")
+        torch.testing.assert_close(objective.sample_risk(logits, batch),
+                                   torch.softmax(shifted, dim=1)[:, 1])
+        torch.testing.assert_close(objective.task_loss(logits, batch), torch.nn.functional.cross_entropy(
+            logits, batch["label"], weight=task.site_class_weights["skewed"]))
+    torch.testing.assert_close(task.objective(Criterion("dp", "sex")).sample_risk(logits, batch),
+                               torch.softmax(logits, dim=1)[:, 1])  # no site: no correction
 
     manifests = [*skin_manifests(tmp_path / "two"), skewed]
     together = SkinTask()

@@ -147,7 +147,7 @@ class SiteRunner:
                 batch = move_batch(batch, device)
                 with self.placement.autocast():
                     logits = model(batch["image"])
-                logits = self.task.evaluation_logits(self.name, logits.float())  # float32 metrics
+                logits = self.task.site_logits(self.name, logits.float())  # float32 metrics
                 metric = self.task.sample_metric(logits, batch).cpu()
                 score = self.task.positive_probability(logits).to(torch.float64).cpu()
                 y_true = self.task.positive_label(batch).to(torch.int64).cpu()

@@ -140,9 +140,11 @@ class Task:
             return torch.sigmoid(logits).flatten(1).mean(1)
         return torch.softmax(logits, dim=1)[:, 1]
 
-    def evaluation_logits(self, site: str, logits: torch.Tensor) -> torch.Tensor:
-        """The logits ``site`` scores with: the model's own, unless a task corrects them per site
-        at prediction time (skin's ``prevalence_correction``). Training never sees this."""
+    def site_logits(self, site: str | None, logits: torch.Tensor) -> torch.Tensor:
+        """The logits ``site`` acts on: the model's own, unless a task corrects them per site
+        (skin's ``prevalence_correction``). Predictions and the score-based fairness risks
+        (DP, EO) use them, so a penalty acts on the scores the audit measures; the task loss
+        never does."""
         return logits
 
     def sample_metric(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -158,7 +160,7 @@ class Task:
             risk = self.sample_loss
         else:
             def risk(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-                return self.positive_probability(logits)
+                return self.positive_probability(self.site_logits(site, logits))
 
         if criterion.positive_only:
             def mask(batch: Mapping[str, Any]) -> torch.Tensor:

@@ -22,7 +22,8 @@ OpenFL plan must give, since a collaborator sees only its own rows). Per-site ba
 train every site as if its classes were 50/50, which removes the between-site prevalence a pooled
 class-balanced model keeps (HAM10000's sites run from 0.7 % to 41 % malignant); the shift puts it
 back, so the scores are those of pooled class-balanced training — one constant per site, the
-ranking within a site unchanged. Training and the fairness risks never see it.
+ranking within a site unchanged. The task loss never sees it; the score-based fairness risks
+(DP, EO) do, so FlexFair penalises the scores the audit measures.
 
 ``metadata_inputs: [age, sex]`` feeds the patient's metadata to the network as constant image
 planes after the RGB channels (age / 100, clipped to [0, 1]; sex 0 female, 1 male; 0.5 where the
@@ -186,8 +187,8 @@ class SkinTask(ImagingTask):
                 name: _logit(_smoothed_prevalence(*count)) - _logit(float(reference))
                 for name, count in counts.items()}
 
-    def evaluation_logits(self, site: str, logits: torch.Tensor) -> torch.Tensor:
-        offset = self.site_logit_offsets.get(site)
+    def site_logits(self, site: str | None, logits: torch.Tensor) -> torch.Tensor:
+        offset = self.site_logit_offsets.get(site) if site is not None else None
         if offset is None:
             return logits
         return logits + torch.tensor([0.0, offset], dtype=logits.dtype, device=logits.device)
