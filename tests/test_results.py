@@ -135,6 +135,14 @@ def test_the_caption_counts_the_seeds_finished_not_those_planned(constructed: Pa
     assert "; last round; 1 of 2 planned seeds so far." in text and "2 seeds." not in text
 
 
+def test_the_caption_says_when_rows_have_different_numbers_of_seeds(constructed: Path):
+    """Mid-sitting, some arms have seed 1 and others not: the caption gives the range."""
+    shutil.rmtree(constructed / "fedavg/default/seed-1")
+    text = render_section(constructed.parent)
+    assert "| fedavg | default | 1 |" in text
+    assert "; last round; 1 to 2 seeds (each row's in column n)." in text
+
+
 def test_update_doc_replaces_only_the_generated_block(tmp_path: Path):
     doc = tmp_path / "page.md"
     doc.write_text(f"# Title\n\nhand text\n\n{BEGIN}\nold\n{END}\n\n## After\n")

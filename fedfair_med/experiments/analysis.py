@@ -202,14 +202,19 @@ def paper_table(runs: pd.DataFrame, chosen: pd.DataFrame, gap: str, reference: s
 
 
 def caption(selection: Selection, n_seeds: int, metric_name: str, reference: str,
-            planned_seeds: int | None = None) -> str:
+            planned_seeds: int | None = None, fewest_seeds: int | None = None) -> str:
     """How the table's settings were chosen, in words (printed above the table).
 
-    ``n_seeds``: the seeds with a finished run; ``planned_seeds`` (when more) says the rest wait.
+    ``n_seeds``: the seeds with a finished run; ``planned_seeds`` (when more) says the rest wait;
+    ``fewest_seeds`` (when fewer than ``n_seeds``) says some rows have fewer (column n).
     """
     weight = "" if selection.metric_weight == 1 else f"{selection.metric_weight:g}·"
-    seeds = (f"{n_seeds} of {planned_seeds} planned seeds so far"
-             if planned_seeds is not None and planned_seeds > n_seeds else f"{n_seeds} seeds")
+    have = (f"{fewest_seeds} to {n_seeds}" if fewest_seeds is not None and fewest_seeds < n_seeds
+            else f"{n_seeds}")
+    seeds = (f"{have} of {planned_seeds} planned seeds so far"
+             if planned_seeds is not None and planned_seeds > n_seeds else f"{have} seeds")
+    if have != f"{n_seeds}":
+        seeds += " (each row's in column n)"
     return (f"Selected on validation: max {weight}mean val {metric_name} − "
             f"{selection.gap_weight:g}·mean val {selection.gap.upper()} gap; last round; "
             f"{seeds}. Test {metric_name} and {selection.gap.upper()} gap at the last round, "

@@ -294,7 +294,9 @@ def study_markdown(study: Study, plot_link: str | None = None, k: int = TOP_K,
     lines += ["**(a) Primary protocol** (validation-selected setting, last-round test numbers).", "",
               table_markdown(table, caption(sweep.selection, int(runs["seed"].nunique()),
                                             metric_name, sweep.reference,
-                                            planned_seeds=len(sweep.seeds)), metric_name, gap).rstrip(), ""]
+                                            planned_seeds=len(sweep.seeds),
+                                            fewest_seeds=int(table["n"].min()) if len(table) else None),
+                             metric_name, gap).rstrip(), ""]
     if not table["reference"].any():
         lines += [f"No p-values yet: no run of the reference `{sweep.reference}` has finished.", ""]
     if sweep.kind == CLASSIFICATION:
