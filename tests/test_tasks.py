@@ -445,6 +445,9 @@ def test_skin_prevalence_correction_errors_name_the_fix() -> None:
     with pytest.raises(FederationError, match="collaborator sees only its own"):
         render_plan("fedavg", task="skin", sites=["a", "b"], overrides={
             "data": {"class_weights": "balanced", "prevalence_correction": "federation"}})
+    plan = render_plan("fedavg", task="skin", sites=["a", "b"], overrides={  # a number is fine
+        "data": {"class_weights": "balanced", "prevalence_correction": 0.19}})
+    assert plan.config.data["prevalence_correction"] == 0.19
 
 
 @realdata
