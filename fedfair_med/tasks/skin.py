@@ -212,8 +212,9 @@ class SkinTask(ImagingTask):
 #: Why an OpenFL plan cannot say ``prevalence_correction: federation``.
 PREVALENCE_NEEDS_A_NUMBER = (
     "data.prevalence_correction: 'federation' needs every site's training rows, and an OpenFL "
-    "collaborator sees only its own: give the federation's training prevalence as a number (the "
-    "sites' malignant training rows over all their training rows)")
+    "collaborator sees only its own: give the federation's training prevalence as a number, the "
+    "sites' class-1 training rows over all their training rows (each site's `fedfair-med data "
+    "check` prints both)")
 
 
 def prevalence_from_all_sites(data: Mapping[str, Any]) -> bool:
