@@ -28,12 +28,13 @@ def _on_sigint(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
 def interrupts_recorded() -> Iterator[None]:
     """Record SIGINT for :func:`raise_if_interrupted` while the block runs.
 
-    Off the main thread (signals cannot be handled there) and when SIGINT is ignored (a job a
-    shell started with ``&``, which must stay immune to Ctrl-C) the disposition is left alone.
+    Off the main thread (signals cannot be handled there), when SIGINT is ignored (a job a
+    shell started with ``&``, which must stay immune to Ctrl-C) and when a handler installed
+    outside Python holds it (it could not be put back) the disposition is left alone.
     """
     global _pending
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
         yield
         return
     previous = signal.signal(signal.SIGINT, _on_sigint)
