@@ -219,7 +219,10 @@ PREVALENCE_NEEDS_A_NUMBER = (
 
 def prevalence_from_all_sites(data: Mapping[str, Any]) -> bool:
     """True when ``data`` asks for the federation's prevalence to be computed from every site."""
-    value = data.get("prevalence_correction")
+    return _asks_for_federation(data.get("prevalence_correction"))
+
+
+def _asks_for_federation(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "federation")
 
 
@@ -231,7 +234,7 @@ def _prevalence_option(value: Any, class_weights: Any) -> str | float | None:
         raise ValueError("task 'skin': prevalence_correction puts back the site prevalence that "
                          "class_weights: balanced takes out; set class_weights: balanced, or drop "
                          f"prevalence_correction (got class_weights {class_weights!r})")
-    if value is True or str(value).strip().lower() == "federation":
+    if _asks_for_federation(value):
         return "federation"
     try:
         number = float(value)
